@@ -1,0 +1,72 @@
+"""Prometheus metrics and the JSONL audit log: one line per request, nothing of the prompt by default."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """Per-target counters and histograms, in a registry of their own (no global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("eco_requests", "Requests classified, by endpoint and target that decided",
+                                ["endpoint", "target"], registry=self.registry)
+        self.flagged = Counter("eco_flagged", "Requests flagged and corrupted, by target", ["target"],
+                               registry=self.registry)
+        self.classifier_errors = Counter("eco_classifier_errors", "Classifier failures, by target and fail mode",
+                                         ["target", "fail_mode"], registry=self.registry)
+        self.refused = Counter("eco_refused", "Requests refused before classification (bypass attempts, bad input)",
+                               ["reason"], registry=self.registry)
+        self.backend_errors = Counter("eco_backend_unavailable", "Requests answered 503: backend unreachable",
+                                      registry=self.registry)
+        self.reloads = Counter("eco_policy_reloads", "Policy reloads by result", ["result"], registry=self.registry)
+        self.classifier_latency = Histogram("eco_classifier_seconds", "Classifier latency per request, by target",
+                                            ["target"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.added_latency = Histogram("eco_added_latency_seconds",
+                                       "Time the proxy spends before the backend request is sent, by path",
+                                       ["path"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class AuditLog:
+    """Appends one JSON object per line; `-` means standard output, None disables it."""
+
+    def __init__(self, destination: str | None):
+        self._lock = threading.Lock()
+        self._stream: IO[str] | None
+        if destination is None:
+            self._stream = None
+        elif destination == "-":
+            self._stream = sys.stdout
+        else:
+            path = Path(destination)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._stream = path.open("a", buffering=1, encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._stream is None:
+            return
+        line = json.dumps({"time": time.time(), **record}, ensure_ascii=False)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    def close(self) -> None:
+        if self._stream not in (None, sys.stdout):
+            self._stream.close()

@@ -1,0 +1,147 @@
+"""The policy file: which forget targets the proxy guards, and how.
+
+One pydantic schema, validated at load. Paths are relative to the policy file. Loading
+builds every classifier before anything is swapped in, so a reload is all or nothing.
+
+    version: harry-potter-demo-1
+    targets:
+      - name: harry_potter
+        classifier: harry_potter/classifier      # artifact directory
+        threshold: null                         # null: the artifact's calibrated threshold
+        corruption_file: harry_potter/corruption.json   # a trainer result, or inline:
+        # corruption: {method: gaussian_first_n, dims: 640, sigma: 4.0, scope: all}
+        fail_mode: closed                       # a classifier error counts as flagged
+    audit:
+      include_text: false
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from classifier.encoder import Encoder
+from classifier.model import PromptClassifier
+from corruption.spec import CorruptionSpec
+
+
+class PolicyError(ValueError):
+    """The policy file is missing, malformed or points at unusable artifacts."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TargetConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    classifier: Path
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    corruption: CorruptionSpec | None = None
+    corruption_file: Path | None = None
+    entities: list[str] | None = None  # for scope "entities"; default: the artifact's terms
+    fail_mode: Literal["closed", "open"] = "closed"
+
+    @model_validator(mode="after")
+    def _one_corruption(self) -> "TargetConfig":
+        if (self.corruption is None) == (self.corruption_file is None):
+            raise ValueError("give exactly one of corruption (inline) or corruption_file")
+        return self
+
+
+class AuditConfig(_Strict):
+    include_text: bool = False
+
+
+class PolicyConfig(_Strict):
+    version: str = Field(min_length=1)
+    targets: list[TargetConfig] = Field(min_length=1)
+    audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "PolicyConfig":
+        names = [t.name for t in self.targets]
+        if len(names) != len(set(names)):
+            raise ValueError(f"target names must be unique, got {names}")
+        return self
+
+
+@dataclass(frozen=True)
+class ActiveTarget:
+    name: str
+    classifier: PromptClassifier
+    threshold: float
+    corruption: CorruptionSpec
+    entities: tuple[str, ...]
+    fail_mode: Literal["closed", "open"]
+
+
+@dataclass(frozen=True)
+class ActivePolicy:
+    version: str
+    targets: tuple[ActiveTarget, ...]
+    audit_include_text: bool
+    source: Path
+
+
+def read_policy_config(path: Path) -> PolicyConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"policy {path} is not valid YAML: {exc}") from exc
+    try:
+        return PolicyConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise PolicyError(f"policy {path}: {problems}") from exc
+
+
+def load_policy(path: str | Path, encoders: dict[str, Encoder] | None = None) -> ActivePolicy:
+    """Validate the file and load every artifact it names. `encoders` is shared across reloads."""
+    path = Path(path).resolve()
+    config = read_policy_config(path)
+    encoders = {} if encoders is None else encoders
+    targets = tuple(_load_target(path.parent, i, t, encoders) for i, t in enumerate(config.targets))
+    return ActivePolicy(config.version, targets, config.audit.include_text, path)
+
+
+def _load_target(base: Path, index: int, config: TargetConfig, encoders: dict[str, Encoder]) -> ActiveTarget:
+    where = f"targets.{index}"
+    artifact = base / config.classifier
+    try:
+        encoder_spec = PromptClassifier.artifact_encoder_spec(artifact)
+        if encoder_spec not in encoders:
+            encoders[encoder_spec] = Encoder(encoder_spec)
+        classifier = PromptClassifier.load(artifact, encoder=encoders[encoder_spec])
+    except (OSError, ValueError, KeyError) as exc:
+        raise PolicyError(f"{where}.classifier: cannot load classifier artifact {artifact}: {exc}") from exc
+    if config.corruption is not None:
+        corruption = config.corruption
+    else:
+        corruption_path = base / config.corruption_file
+        try:
+            corruption = CorruptionSpec.from_result_file(corruption_path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise PolicyError(f"{where}.corruption_file: cannot load {corruption_path}: {exc}") from exc
+    entities = config.entities if config.entities is not None else classifier.entities_
+    if corruption.scope == "entities" and not entities:
+        raise PolicyError(f"{where}.entities: scope 'entities' needs entity terms (none in the artifact)")
+    threshold = config.threshold if config.threshold is not None else classifier.threshold_
+    if threshold is None:
+        raise PolicyError(f"{where}.threshold: the artifact is not calibrated; set a threshold")
+    return ActiveTarget(config.name, classifier, float(threshold), corruption, tuple(entities), config.fail_mode)
+
+
+def policy_summary(policy: ActivePolicy) -> str:
+    return json.dumps({"version": policy.version, "targets": [
+        {"name": t.name, "threshold": t.threshold, "corruption": t.corruption.model_dump(), "fail_mode": t.fail_mode}
+        for t in policy.targets]})

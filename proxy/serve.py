@@ -1,0 +1,155 @@
+"""`eco-proxy serve`: the proxy in front of vLLM, started and stopped as one unit."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoTokenizer
+
+from corruption.embeddings import EmbeddingTable
+from proxy.app import ProxyState, create_app
+from proxy.backend import VllmServer, backend_is_ready
+from proxy.guard import Guard
+from proxy.model_prep import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
+from proxy.observability import AuditLog, Metrics
+from proxy.policy import PolicyError, load_policy
+from proxy.prompts import PromptBuilder
+from proxy.upstream import Upstream
+
+log = logging.getLogger("eco-proxy")
+
+DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "demo" / "policy.yaml"
+
+
+class ServeSettings(BaseModel):
+    """Everything `serve` needs; each field also reads an ECO_* environment variable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Path = DEFAULT_POLICY
+    backend_url: str | None = None  # an external vLLM; when unset, the proxy starts its own
+    model_dir: Path | None = None  # when unset, the default model is prepared
+    served_model_name: str = DEFAULT_MODEL_NAME
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    secret_key: str | None = Field(default=None, repr=False)
+    admin_key: str | None = Field(default=None, repr=False)
+    audit_log: str | None = None  # a file path, or "-" for standard output
+    embedding_scale: float | None = None  # only for architectures the proxy does not know
+    max_model_len: int = 2048  # for the vLLM the proxy starts
+    vllm_args: str = ""  # extra arguments for the vLLM the proxy starts
+
+
+ENV_PREFIX = "ECO_"
+
+
+def _secret_key(configured: str | None) -> bytes:
+    """The noise key: configured, or one kept in the cache so corruption stays reproducible."""
+    if configured:
+        return configured.encode()
+    key_file = cache_dir() / "secret.key"
+    if not key_file.exists():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        log.warning("no ECO_SECRET_KEY set: created a local noise key at %s", key_file)
+    return key_file.read_text().strip().encode()
+
+
+def _backend_max_model_len(url: str, served_name: str) -> int:
+    cards = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    for card in cards:
+        if card["id"] == served_name and card.get("max_model_len"):
+            return int(card["max_model_len"])
+    raise RuntimeError(f"the backend at {url} does not serve a model named {served_name!r}")
+
+
+def run(settings: ServeSettings) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = settings.model_dir or prepare_default_model()
+    vllm: VllmServer | None = None
+    previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        backend_url = settings.backend_url
+        if backend_url is None:
+            vllm = VllmServer(model_dir, settings.served_model_name, log_path=cache_dir() / "logs" / "vllm.log",
+                              max_model_len=settings.max_model_len, extra_args=settings.vllm_args.split())
+            vllm.start()
+            backend_url = vllm.url
+            log.info("starting vLLM at %s (log: %s); the first start compiles for about 2 minutes",
+                     backend_url, vllm.log_path)
+        state = _build_state(settings, model_dir, backend_url)
+        if vllm is not None:
+            vllm.wait_ready()
+        elif not backend_is_ready(backend_url):
+            log.warning("backend %s is not reachable yet; /ready reports 503 until it is", backend_url)
+        if backend_is_ready(backend_url):
+            state.max_model_len = _backend_max_model_len(backend_url, settings.served_model_name)
+        _serve_http(state, settings)
+        return 0
+    except PolicyError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        if vllm is not None:
+            log.info("stopping vLLM")
+            vllm.stop()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> ProxyState:
+    encoders: dict = {}
+    policy = load_policy(settings.policy, encoders)
+    metrics = Metrics()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    embeddings = EmbeddingTable.from_model_dir(model_dir, scale=settings.embedding_scale)
+    return ProxyState(
+        policy=policy,
+        policy_path=str(settings.policy),
+        served_model_name=settings.served_model_name,
+        max_model_len=settings.max_model_len,
+        builder=PromptBuilder(tokenizer),
+        guard=Guard(embeddings, _secret_key(settings.secret_key), metrics),
+        upstream=Upstream(backend_url),
+        metrics=metrics,
+        audit=AuditLog(settings.audit_log),
+        admin_key=settings.admin_key,
+        encoders=encoders,
+    )
+
+
+def _serve_http(state: ProxyState, settings: ServeSettings) -> None:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(_reload_on_sighup(state)))
+        print(f"eco-proxy ready: http://{settings.host}:{settings.port}/v1 (model {settings.served_model_name}, "
+              f"policy {state.policy.version})", flush=True)
+        yield
+        await state.upstream.aclose()
+        state.audit.close()
+
+    app = create_app(state, lifespan=lifespan)
+    uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")).run()
+
+
+async def _reload_on_sighup(state: ProxyState) -> None:
+    try:
+        await state.reload()
+    except PolicyError as exc:
+        log.error("SIGHUP reload rejected, policy %s stays in force: %s", state.policy.version, exc)

@@ -1,0 +1,52 @@
+"""The one HTTP client the proxy uses to talk to vLLM."""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+
+class BackendUnavailable(Exception):
+    """vLLM could not be reached (refused, reset, timed out on connect)."""
+
+
+class Upstream:
+    def __init__(self, base_url: str, timeout: float = 600.0):
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def open(self, method: str, path: str, body: bytes | dict[str, Any] | None = None) -> httpx.Response:
+        """Send a request and return the response with its body not yet read (caller closes it)."""
+        content = json.dumps(body).encode() if isinstance(body, dict) else body
+        headers = {"content-type": "application/json"} if content is not None else {}
+        request = self._client.build_request(method, path, content=content, headers=headers)
+        try:
+            return await self._client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise BackendUnavailable(f"the model backend at {self.base_url} is unreachable ({type(exc).__name__})") from exc
+
+    async def get_json(self, path: str) -> tuple[int, Any]:
+        response = await self.open("GET", path)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response.status_code, response.json()
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any] | None]:
+    """Parsed `data:` events of an SSE stream; None stands for `[DONE]`."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        yield None if payload == "[DONE]" else json.loads(payload)
