@@ -1,0 +1,68 @@
+"""Chat over the completions route: request and response translation (pure logic)."""
+from __future__ import annotations
+
+import pytest
+
+from proxy.translate import ChatStreamTranslator, chat_body_as_completion, completion_as_chat
+
+pytestmark = pytest.mark.unit
+
+COMPLETION = {
+    "id": "cmpl-abc", "object": "text_completion", "created": 7, "model": "m",
+    "choices": [{"index": 0, "text": " Hermione", "finish_reason": "length", "stop_reason": None,
+                 "logprobs": {"tokens": [" Her", "mione"], "token_logprobs": [-0.5, -0.1],
+                              "top_logprobs": [{" Her": -0.5, " Ron": -1.0}, {"mione": -0.1}],
+                              "text_offset": [0, 4]}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    "system_fingerprint": "fp",
+}
+
+
+def test_request_drops_chat_fields_and_keeps_sampling():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0.3, "seed": 5,
+            "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2, "tools": [], "stop": ["\n"],
+            "stream": True, "stream_options": {"include_usage": True}, "some_vendor_field": 1}
+    body = chat_body_as_completion(chat, "EMB", prompt_tokens=10, max_model_len=100)
+    assert body == {"model": "m", "temperature": 0.3, "seed": 5, "stop": ["\n"], "stream": True,
+                    "stream_options": {"include_usage": True}, "some_vendor_field": 1,
+                    "prompt_embeds": "EMB", "max_tokens": 9, "logprobs": 2}
+
+
+def test_request_default_length_is_the_rest_of_the_context():
+    body = chat_body_as_completion({"model": "m", "messages": []}, "EMB", prompt_tokens=30, max_model_len=100)
+    assert body["max_tokens"] == 70 and "logprobs" not in body
+
+
+def test_response_in_chat_shape():
+    chat = completion_as_chat(COMPLETION)
+    assert chat["id"] == "chatcmpl-abc" and chat["object"] == "chat.completion"
+    choice = chat["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"] == " Hermione"
+    assert choice["finish_reason"] == "length" and chat["usage"] == COMPLETION["usage"]
+    first = choice["logprobs"]["content"][0]
+    assert first["token"] == " Her" and first["logprob"] == -0.5 and first["bytes"] == list(b" Her")
+    assert [t["token"] for t in first["top_logprobs"]] == [" Her", " Ron"]
+
+
+def test_stream_role_first_then_content_then_usage():
+    translator = ChatStreamTranslator()
+    head = {"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "m"}
+    out = translator.translate({**head, "choices": [{"index": 0, "text": "Hi", "finish_reason": None}]})
+    out += translator.translate({**head, "choices": [{"index": 0, "text": "!", "finish_reason": "stop",
+                                                      "stop_reason": None}]})
+    out += translator.translate({**head, "choices": [], "usage": {"completion_tokens": 2}})
+    assert [c["object"] for c in out] == ["chat.completion.chunk"] * 4
+    assert out[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"]["content"] for c in out[1:3]] == ["Hi", "!"]
+    assert out[2]["choices"][0]["finish_reason"] == "stop"
+    assert out[3]["choices"] == [] and out[3]["usage"] == {"completion_tokens": 2}
+    assert all(c["id"] == "chatcmpl-s" for c in out)
+
+
+def test_echo_prefix_comes_first():
+    assert completion_as_chat(COMPLETION, echo_prefix="Sure:")["choices"][0]["message"]["content"] == \
+        "Sure: Hermione"
+    translator = ChatStreamTranslator(echo_prefix="Sure:")
+    out = translator.translate({"id": "cmpl-s", "created": 1, "model": "m",
+                                "choices": [{"index": 0, "text": " Hi", "finish_reason": None}]})
+    assert [c["choices"][0]["delta"].get("content") for c in out] == ["", "Sure:", " Hi"]
