@@ -59,7 +59,7 @@ class AuditConfig(_Strict):
 
 class PolicyConfig(_Strict):
     version: str = Field(min_length=1)
-    targets: list[TargetConfig] = Field(min_length=1)
+    targets: list[TargetConfig]  # may be empty: a pass-through proxy (used to measure the proxy alone)
     audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
