@@ -50,7 +50,6 @@ class ProxyState:
     policy: ActivePolicy
     policy_path: str
     served_model_name: str
-    max_model_len: int
     builder: PromptBuilder
     guard: Guard
     upstream: Upstream
@@ -58,7 +57,18 @@ class ProxyState:
     audit: AuditLog
     admin_key: str | None = None
     encoders: dict = field(default_factory=dict)
+    max_model_len: int | None = None  # asked of the backend when first needed
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def context_length(self) -> int:
+        if self.max_model_len is None:
+            status, body = await self.upstream.get_json("/v1/models")
+            cards = body.get("data", []) if status == 200 else []
+            lengths = [c.get("max_model_len") for c in cards if c.get("id") == self.served_model_name]
+            if not lengths or not lengths[0]:
+                raise BackendUnavailable(f"the backend does not report a context length for {self.served_model_name}")
+            self.max_model_len = int(lengths[0])
+        return self.max_model_len
 
     async def reload(self) -> ActivePolicy:
         """Load the policy file again; on any error the running policy stays in force."""
@@ -190,7 +200,12 @@ async def _generate(state: ProxyState, request: Request, endpoint: Endpoint) -> 
         upstream_body = {k: v for k, v in body.items() if k != "prompt"}
         upstream_body["prompt_embeds"] = payloads if len(payloads) > 1 else payloads[0]
     else:
-        upstream_body = chat_body_as_completion(body, payloads[0], len(prompts[0].token_ids), state.max_model_len)
+        try:
+            context_length = await state.context_length()
+        except BackendUnavailable as exc:
+            state.metrics.backend_errors.inc()
+            return error_response(503, str(exc), headers=headers)
+        upstream_body = chat_body_as_completion(body, payloads[0], len(prompts[0].token_ids), context_length)
     state.metrics.added_latency.labels("flagged").observe(time.perf_counter() - started)
     if endpoint == "completions":
         return await _forward(state, "/v1/completions", upstream_body, headers)

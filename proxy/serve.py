@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
@@ -67,14 +66,6 @@ def _secret_key(configured: str | None) -> bytes:
     return key_file.read_text().strip().encode()
 
 
-def _backend_max_model_len(url: str, served_name: str) -> int:
-    cards = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
-    for card in cards:
-        if card["id"] == served_name and card.get("max_model_len"):
-            return int(card["max_model_len"])
-    raise RuntimeError(f"the backend at {url} does not serve a model named {served_name!r}")
-
-
 def run(settings: ServeSettings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = settings.model_dir or prepare_default_model()
@@ -94,8 +85,6 @@ def run(settings: ServeSettings) -> int:
             vllm.wait_ready()
         elif not backend_is_ready(backend_url):
             log.warning("backend %s is not reachable yet; /ready reports 503 until it is", backend_url)
-        if backend_is_ready(backend_url):
-            state.max_model_len = _backend_max_model_len(backend_url, settings.served_model_name)
         _serve_http(state, settings)
         return 0
     except PolicyError as exc:
@@ -122,7 +111,6 @@ def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> 
         policy=policy,
         policy_path=str(settings.policy),
         served_model_name=settings.served_model_name,
-        max_model_len=settings.max_model_len,
         builder=PromptBuilder(tokenizer),
         guard=Guard(embeddings, _secret_key(settings.secret_key), metrics),
         upstream=Upstream(backend_url),
