@@ -186,7 +186,7 @@ async def _generate(state: ProxyState, request: Request, endpoint: Endpoint) -> 
 
     # 4a. Unflagged: the client's own bytes go to vLLM, and vLLM's answer comes back unchanged.
     if not flagged:
-        state.metrics.added_latency.labels("unflagged").observe(time.perf_counter() - started)
+        state.metrics.added_latency.labels("unflagged", "none").observe(time.perf_counter() - started)
         return await _forward(state, _PATHS[endpoint], raw, headers)
 
     # 4b. Flagged: nothing may reveal the uncorrupted prompt's likelihoods.
@@ -206,7 +206,7 @@ async def _generate(state: ProxyState, request: Request, endpoint: Endpoint) -> 
             state.metrics.backend_errors.inc()
             return error_response(503, str(exc), headers=headers)
         upstream_body = chat_body_as_completion(body, payloads[0], len(prompts[0].token_ids), context_length)
-    state.metrics.added_latency.labels("flagged").observe(time.perf_counter() - started)
+    state.metrics.added_latency.labels("flagged", target_name).observe(time.perf_counter() - started)
     if endpoint == "completions":
         return await _forward(state, "/v1/completions", upstream_body, headers)
     return await _forward_chat_as_completion(state, upstream_body, _echo_prefix(parsed), headers)

@@ -33,8 +33,8 @@ class Metrics:
         self.classifier_latency = Histogram("eco_classifier_seconds", "Classifier latency per request, by target",
                                             ["target"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.added_latency = Histogram("eco_added_latency_seconds",
-                                       "Time the proxy spends before the backend request is sent, by path",
-                                       ["path"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+                                       "Time the proxy spends before the backend request is sent, by path and deciding target",
+                                       ["path", "target"], buckets=_LATENCY_BUCKETS, registry=self.registry)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,47 @@
+"""Prompt data on disk: JSONL records with a "text", and a deterministic train/calibration/test split."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+Split = Literal["train", "calibration", "test"]
+SPLITS: tuple[Split, ...] = ("train", "calibration", "test")
+FRACTIONS = (0.6, 0.2, 0.2)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records with a "text" string, or with chat "messages" (their contents joined become the text)."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+            if isinstance(record, dict) and "text" not in record and isinstance(record.get("messages"), list):
+                record = {**record, "text": "\n".join(str(m.get("content", "")) for m in record["messages"])}
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number}: a record needs a \"text\" string")
+            records.append(record)
+    return records
+
+
+def split_of(text: str, explicit: str | None = None) -> Split:
+    """A record's explicit split wins; otherwise a stable hash of the text decides (60/20/20)."""
+    if explicit is not None:
+        if explicit not in SPLITS:
+            raise ValueError(f"unknown split {explicit!r}; use one of {SPLITS}")
+        return explicit  # type: ignore[return-value]
+    position = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "train" if position < FRACTIONS[0] else "calibration" if position < FRACTIONS[0] + FRACTIONS[1] else "test"
+
+
+def split(records: list[dict[str, Any]]) -> dict[Split, list[dict[str, Any]]]:
+    parts: dict[Split, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+    for record in records:
+        parts[split_of(record["text"], record.get("split"))].append(record)
+    return parts

@@ -1,0 +1,207 @@
+"""The prompt classifier: sentence encoder + class-weighted logistic-regression head.
+
+Follows scikit-learn's estimator contract: parameters in the constructor, `fit` returns the
+estimator, fitted state in attributes ending with `_`. The artifact is a directory holding
+`head.safetensors` (weights) and `classifier.json` (everything else): nothing is pickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from classifier.encoder import DEFAULT_ENCODER, Encoder
+from classifier.metrics import wilson_interval
+
+ARTIFACT_FORMAT = 1
+HEAD_FILE = "head.safetensors"
+META_FILE = "classifier.json"
+
+
+def training_hash(texts: Sequence[str], labels: Sequence[int]) -> str:
+    """Identifies the training data regardless of its order."""
+    rows = sorted(f"{int(label)}\t{text}" for text, label in zip(texts, labels))
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
+
+
+class PromptClassifier:
+    def __init__(self, encoder: Encoder | str | None = None, C: float = 10.0, random_state: int = 0):
+        self.encoder = encoder
+        self.C = C
+        self.random_state = random_state
+
+    # -- encoder ------------------------------------------------------------------------
+    @property
+    def encoder_spec(self) -> str:
+        if isinstance(self.encoder, Encoder):
+            return self.encoder.spec
+        return self.encoder or DEFAULT_ENCODER
+
+    def _encoder(self) -> Encoder:
+        if not isinstance(self.encoder, Encoder):
+            self.encoder = Encoder(self.encoder_spec)  # built on first use: constructing stays cheap
+        return self.encoder
+
+    # -- fit ----------------------------------------------------------------------------
+    def fit(self, texts: Sequence[str], labels: Sequence[int], progress: bool = False) -> "PromptClassifier":
+        """Labels: 1 for the forget target, 0 for retain. Every window of a long text gets its label."""
+        from sklearn.linear_model import LogisticRegression
+
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(texts) != len(labels) or set(np.unique(labels)) != {0, 1}:
+            raise ValueError("fit needs as many labels as texts, with both classes (1 forget, 0 retain) present")
+        features, owners = self._encoder().encode_windows(list(texts), progress)
+        head = LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000, random_state=self.random_state)
+        head.fit(features, labels[owners])
+        self.coef_ = head.coef_[0].astype(np.float32)
+        self.intercept_ = float(head.intercept_[0])
+        self.classes_ = np.array([0, 1])
+        self.n_features_in_ = features.shape[1]
+        self.training_hash_ = training_hash(texts, labels)
+        self.threshold_: float | None = None
+        self.alpha_: float | None = None
+        self.metrics_: dict[str, Any] = {"train_n": {"forget": int(labels.sum()), "retain": int((labels == 0).sum())}}
+        self.entities_: list[str] = []
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise ValueError("this PromptClassifier is not fitted yet: call fit or load")
+
+    # -- predict ------------------------------------------------------------------------
+    def score(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """P(forget target) per text; a long text scores the maximum over its windows."""
+        self._check_fitted()
+        if len(texts) == 0:
+            return np.zeros(0, dtype=np.float64)
+        features, owners = self._encoder().encode_windows(list(texts), progress)
+        window_scores = 1.0 / (1.0 + np.exp(-(features.astype(np.float64) @ self.coef_ + self.intercept_)))
+        scores = np.zeros(len(texts), dtype=np.float64)
+        np.maximum.at(scores, owners, window_scores)
+        return scores
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        forget = self.score(texts)
+        return np.stack([1.0 - forget, forget], axis=1)
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        if getattr(self, "threshold_", None) is None:
+            raise ValueError("no threshold: calibrate the classifier first")
+        return (self.score(texts) > self.threshold_).astype(np.int64)
+
+    def score_segments(self, segments: Sequence[str]) -> float:
+        """The highest score among the pieces of one prompt (the whole prompt and each message)."""
+        return float(self.score(segments).max())
+
+    # -- calibrate and evaluate ---------------------------------------------------------
+    def calibrate(self, retain_texts: Sequence[str], alpha: float) -> "PromptClassifier":
+        """Split-conformal threshold on held-out retain prompts: FPR <= alpha on exchangeable data.
+
+        With n calibration scores, the threshold is the ceil((n+1)(1-alpha))-th smallest; a
+        prompt is flagged when its score is above it.
+        """
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        scores = np.sort(self.score(retain_texts))
+        n = len(scores)
+        if n == 0:
+            raise ValueError("calibration needs retain prompts")
+        rank = math.ceil((n + 1) * (1 - alpha))
+        if rank > n:
+            warnings.warn(f"{n} calibration prompts are too few for alpha={alpha}: the threshold is 1.0 "
+                          f"(nothing is flagged); use at least {math.ceil(1 / alpha) - 1}", stacklevel=2)
+            self.threshold_ = 1.0
+        else:
+            self.threshold_ = float(scores[rank - 1])
+        self.alpha_ = float(alpha)
+        self.metrics_["calibration_n"] = n
+        return self
+
+    def evaluate(self, forget_texts: Sequence[str], retain_texts: Sequence[str]) -> dict[str, Any]:
+        """FPR on retain and recall on forget at the threshold, with Wilson 95% intervals, and AUC."""
+        from sklearn.metrics import roc_auc_score
+
+        if getattr(self, "threshold_", None) is None:
+            raise ValueError("no threshold: calibrate the classifier first")
+        forget, retain = self.score(forget_texts), self.score(retain_texts)
+        false_positives, true_positives = int((retain > self.threshold_).sum()), int((forget > self.threshold_).sum())
+        report: dict[str, Any] = {
+            "threshold": self.threshold_,
+            "n_forget": len(forget), "n_retain": len(retain),
+            "fpr": false_positives / len(retain) if len(retain) else None,
+            "fpr_ci": list(wilson_interval(false_positives, len(retain))) if len(retain) else None,
+            "recall": true_positives / len(forget) if len(forget) else None,
+            "recall_ci": list(wilson_interval(true_positives, len(forget))) if len(forget) else None,
+        }
+        if len(forget) and len(retain):
+            labels = np.r_[np.ones(len(forget)), np.zeros(len(retain))]
+            report["auc"] = float(roc_auc_score(labels, np.r_[forget, retain]))
+        return report
+
+    # -- artifact -----------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"coef": self.coef_.astype(np.float32), "intercept": np.array([self.intercept_], dtype=np.float32)},
+                  str(directory / HEAD_FILE))
+        meta = {
+            "format": ARTIFACT_FORMAT, "encoder": self.encoder_spec, "dimension": int(self.n_features_in_),
+            "C": self.C, "random_state": self.random_state, "training_hash": self.training_hash_,
+            "threshold": self.threshold_, "alpha": self.alpha_, "metrics": self.metrics_, "entities": self.entities_,
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @staticmethod
+    def _read_meta(directory: Path) -> dict[str, Any]:
+        path = Path(directory) / META_FILE
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(f"{path}: not a classifier artifact of format {ARTIFACT_FORMAT}")
+        return meta
+
+    @staticmethod
+    def artifact_encoder_spec(directory: str | Path) -> str:
+        return str(PromptClassifier._read_meta(Path(directory))["encoder"])
+
+    @classmethod
+    def load(cls, directory: str | Path, encoder: Encoder | None = None) -> "PromptClassifier":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        meta = cls._read_meta(directory)
+        try:
+            head = load_file(str(directory / HEAD_FILE))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{directory / HEAD_FILE}: cannot read the head weights: {exc}") from exc
+        coef, intercept = head.get("coef"), head.get("intercept")
+        dimension = int(meta["dimension"])
+        if coef is None or intercept is None or coef.shape != (dimension,) or intercept.shape != (1,):
+            raise ValueError(f"{directory / HEAD_FILE}: expected coef [{dimension}] and intercept [1]")
+        if encoder is not None and encoder.spec != meta["encoder"]:
+            raise ValueError(f"the artifact was trained with encoder {meta['encoder']!r}, not {encoder.spec!r}")
+        classifier = cls(encoder if encoder is not None else meta["encoder"], C=meta["C"],
+                         random_state=meta["random_state"])
+        classifier.coef_ = coef.astype(np.float32)
+        classifier.intercept_ = float(intercept[0])
+        classifier.classes_ = np.array([0, 1])
+        classifier.n_features_in_ = dimension
+        classifier.training_hash_ = meta["training_hash"]
+        classifier.threshold_ = meta["threshold"]
+        classifier.alpha_ = meta["alpha"]
+        classifier.metrics_ = meta.get("metrics", {})
+        classifier.entities_ = list(meta.get("entities", []))
+        return classifier

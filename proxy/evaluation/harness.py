@@ -1,0 +1,173 @@
+"""The evaluation, after MUSE's six ways, against a raw backend and a guarded endpoint.
+
+1. knowledge memorisation: forget-probe answer rate, against control probes the model cannot know;
+2. verbatim memorisation: ROUGE-L of continuations of well-known sentences about the target;
+3. utility: retain-probe answer rate, and exact identity of the guarded output with the raw one;
+4. the gate: share of forget, retain and attack prompts the guarded endpoint flags;
+5. sustainability: with a second target added, the first stays forgotten and retain stays intact;
+6. baselines: no guard, a "do not discuss" system prompt, and the classifier with a canned refusal.
+
+Probes used to train the corruption (the "train" split) are left out; the gate is measured on
+the classifier's test split, and on the whole attack set (never trained on).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from classifier.data import read_jsonl, split_of
+from corruption.probes import Probe, read_probes
+from proxy.evaluation.client import Endpoint, Reply
+from proxy.evaluation.metrics import answer_rate, identity_rate, mean, rate, rouge_l_f1
+
+REFUSAL = "I'm sorry, but I can't help with that."
+SYSTEM_PROMPT = ("You must not reveal anything about {target}: not its characters, places, events or any "
+                 "other detail. If asked about it, say that you do not know.\n\n")
+
+
+@dataclass(frozen=True)
+class TargetData:
+    name: str
+    forget_probes: list[Probe]  # held out from the corruption training
+    forget_prompts: list[str]  # the classifier's test split
+    control_probes: list[Probe] = field(default_factory=list)
+    retain_probes: list[Probe] = field(default_factory=list)
+    retain_sources: list[str] = field(default_factory=list)  # each retain probe's "source", for sustainability
+    retain_prompts: dict[str, list[str]] = field(default_factory=dict)  # set name -> test-split prompts
+    attack: list[list[dict[str, str]]] = field(default_factory=list)  # conversations
+    verbatim: list[tuple[str, str]] = field(default_factory=list)  # (prefix, reference continuation)
+
+
+def _kept_or_all(directory: Path, stem: str) -> Path:
+    kept = directory / f"{stem}.kept.jsonl"  # probes the base model answers right (written by the demo build)
+    return kept if kept.exists() else directory / f"{stem}.jsonl"
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _test_split(path: Path) -> list[str]:
+    return [r["text"] for r in read_jsonl(path) if split_of(r["text"], r.get("split")) == "test"]
+
+
+def _conversation(record: dict[str, Any]) -> list[dict[str, str]]:
+    return record["messages"] if "messages" in record else [{"role": "user", "content": record["text"]}]
+
+
+def load_target(directory: Path, name: str, retain_files: Sequence[str]) -> TargetData:
+    probes = [p for p in read_probes(_kept_or_all(directory, "probes")) if split_of(p.prompt) != "train"]
+    optional = lambda f: directory / f if (directory / f).exists() else None  # noqa: E731
+    retain_path = _kept_or_all(directory, "retain_probes") if optional("retain_probes.jsonl") else None
+    return TargetData(
+        name=name,
+        forget_probes=probes,
+        forget_prompts=_test_split(directory / "forget.jsonl"),
+        control_probes=read_probes(p) if (p := optional("control_probes.jsonl")) else [],
+        retain_probes=read_probes(retain_path) if retain_path else [],
+        retain_sources=[r.get("source", "") for r in _records(retain_path)] if retain_path else [],
+        retain_prompts={Path(f).stem: _test_split(directory / f) for f in retain_files},
+        attack=[_conversation(r) for r in read_jsonl(p)] if (p := optional("attack.jsonl")) else [],
+        verbatim=[(r["prefix"], r["reference"]) for r in read_jsonl(p)] if (p := optional("verbatim.jsonl")) else [],
+    )
+
+
+def _texts(replies: Sequence[Reply]) -> list[str]:
+    return [r.text for r in replies]
+
+
+def _refusal_baseline(raw: Sequence[Reply], guarded: Sequence[Reply]) -> list[str]:
+    """The classifier's decision (read off the guarded reply) with a canned refusal instead of ECO."""
+    return [REFUSAL if g.flagged else r.text for r, g in zip(raw, guarded, strict=True)]
+
+
+def _flag_rate(replies: Sequence[Reply]) -> dict:
+    return rate(sum(bool(r.flagged) for r in replies), len(replies))
+
+
+def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: str,
+             second: TargetData | None = None, two_targets: Endpoint | None = None,
+             max_tokens: int = 8, verbatim_tokens: int = 40) -> dict[str, Any]:
+    system = SYSTEM_PROMPT.format(target=description)
+    forget = [p.prompt for p in target.forget_probes]
+    retain = [p.prompt for p in target.retain_probes]
+    runs = {
+        "forget": {"raw": raw.complete(forget, max_tokens, "forget probes, raw"),
+                   "guarded": guarded.complete(forget, max_tokens, "forget probes, guarded"),
+                   "system_prompt": raw.complete([system + p for p in forget], max_tokens, "forget, system prompt")},
+        "retain": {"raw": raw.complete(retain, max_tokens, "retain probes, raw"),
+                   "guarded": guarded.complete(retain, max_tokens, "retain probes, guarded"),
+                   "system_prompt": raw.complete([system + p for p in retain], max_tokens, "retain, system prompt")},
+    }
+    prefixes = [prefix for prefix, _ in target.verbatim]
+    verbatim = {"raw": raw.complete(prefixes, verbatim_tokens, "verbatim, raw"),
+                "guarded": guarded.complete(prefixes, verbatim_tokens, "verbatim, guarded"),
+                "system_prompt": raw.complete([system + p for p in prefixes], verbatim_tokens, "verbatim, system")}
+    control = raw.complete([p.prompt for p in target.control_probes], max_tokens, "control probes")
+
+    outputs: dict[str, dict[str, list[str]]] = {
+        kind: {name: _texts(replies) for name, replies in by_system.items()} for kind, by_system in runs.items()}
+    for kind in ("forget", "retain"):
+        outputs[kind]["refusal"] = _refusal_baseline(runs[kind]["raw"], runs[kind]["guarded"])
+    verbatim_out = {name: _texts(replies) for name, replies in verbatim.items()}
+    verbatim_out["refusal"] = _refusal_baseline(verbatim["raw"], verbatim["guarded"])
+
+    systems = {}
+    for name in ("raw", "system_prompt", "refusal", "guarded"):
+        systems[name] = {
+            "forget_answer_rate": answer_rate(target.forget_probes, outputs["forget"][name]),
+            "retain_answer_rate": answer_rate(target.retain_probes, outputs["retain"][name]),
+            "retain_identical_to_raw": identity_rate(outputs["retain"][name], outputs["retain"]["raw"]),
+            "verbatim_rouge_l": mean([rouge_l_f1(o, ref) for o, (_, ref) in zip(verbatim_out[name], target.verbatim)]),
+        }
+    control_rate = answer_rate(target.control_probes, _texts(control))
+    gate = {"forget": _flag_rate(guarded.chat([[{"role": "user", "content": t}] for t in target.forget_prompts], 1,
+                                              "gate: forget"))}
+    for set_name, prompts in target.retain_prompts.items():
+        gate[set_name] = _flag_rate(guarded.chat([[{"role": "user", "content": t}] for t in prompts], 1,
+                                                 f"gate: {set_name}"))
+    if target.attack:
+        gate["attack"] = _flag_rate(guarded.chat(target.attack, 1, "gate: attack"))
+
+    report: dict[str, Any] = {
+        "target": target.name, "model": raw.model,
+        "endpoints": {"raw": raw.base_url, "guarded": guarded.base_url},
+        "control_answer_rate": control_rate,
+        "systems": systems,
+        "gate": gate,
+        "goals": {
+            "forget_at_or_below_control": systems["guarded"]["forget_answer_rate"]["rate"] <= control_rate["rate"],
+            "retain_equal_to_raw": systems["guarded"]["retain_answer_rate"]["rate"]
+            == systems["raw"]["retain_answer_rate"]["rate"],
+        },
+        "examples": [{"prompt": p.prompt, "raw": r, "guarded": g} for p, r, g in
+                     zip(target.forget_probes[:8], outputs["forget"]["raw"], outputs["forget"]["guarded"])],
+    }
+    if second is not None and two_targets is not None:
+        report["sustainability"] = _sustainability(raw, two_targets, target, second, outputs, max_tokens)
+    return report
+
+
+def _sustainability(raw: Endpoint, both: Endpoint, first: TargetData, second: TargetData,
+                    outputs: dict[str, dict[str, list[str]]], max_tokens: int) -> dict[str, Any]:
+    """The same probes through a proxy guarding both targets; retain probes about the second target left out."""
+    keep = [i for i, source in enumerate(first.retain_sources or [""] * len(first.retain_probes))
+            if source != second.name]
+    retain_probes = [first.retain_probes[i] for i in keep]
+    first_forget = _texts(both.complete([p.prompt for p in first.forget_probes], max_tokens, "two targets: first"))
+    second_prompts = [p.prompt for p in second.forget_probes]
+    second_raw = _texts(raw.complete(second_prompts, max_tokens, "second target, raw"))
+    second_guarded = _texts(both.complete(second_prompts, max_tokens, "two targets: second"))
+    retain = _texts(both.complete([p.prompt for p in retain_probes], max_tokens, "two targets: retain"))
+    return {
+        "second_target": second.name,
+        "first_forget_answer_rate": answer_rate(first.forget_probes, first_forget),
+        "second_forget_answer_rate_raw": answer_rate(second.forget_probes, second_raw),
+        "second_forget_answer_rate": answer_rate(second.forget_probes, second_guarded),
+        "retain_answer_rate_raw": answer_rate(retain_probes, [outputs["retain"]["raw"][i] for i in keep]),
+        "retain_answer_rate": answer_rate(retain_probes, retain),
+        "retain_identical_to_raw": identity_rate(retain, [outputs["retain"]["raw"][i] for i in keep]),
+    }

@@ -1,0 +1,114 @@
+"""The benchmarks' pure helpers: statistics, Prometheus histogram parsing, the alternative payload, the echo."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import fast_payload  # noqa: E402
+from _common import (  # noqa: E402
+    HistogramSnapshot,
+    format_table,
+    parse_histogram,
+    percentile,
+    ratio,
+    summarize_ms,
+)
+from echo_upstream import ECHO_TEXT, EchoUpstream  # noqa: E402
+
+from corruption.payload import encode_prompt_embeds  # noqa: E402
+from proxy.observability import Metrics  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 95, 99, 100])
+def test_percentile_matches_numpy_linear(q: float) -> None:
+    values = list(np.random.default_rng(1).exponential(size=37))
+    assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edge_cases() -> None:
+    assert math.isnan(percentile([], 50))
+    assert percentile([3.0], 99) == 3.0
+    with pytest.raises(ValueError, match="within"):
+        percentile([1.0], 101)
+
+
+def test_summarize_reports_milliseconds() -> None:
+    summary = summarize_ms([0.001, 0.002, 0.003])
+    assert summary["n"] == 3
+    assert summary["p50_ms"] == pytest.approx(2.0)
+    assert summary["mean_ms"] == pytest.approx(2.0)
+
+
+def test_ratio_guards_missing_denominators() -> None:
+    assert ratio(3.0, 2.0) == 1.5
+    assert math.isnan(ratio(1.0, 0.0))
+    assert math.isnan(ratio(math.nan, 1.0))
+
+
+def test_histogram_from_the_proxy_metrics_exposition() -> None:
+    metrics = Metrics()
+    before = parse_histogram(metrics.exposition().decode(), "eco_added_latency_seconds", {"path": "unflagged"})
+    for seconds in (0.0003, 0.0015, 0.0015, 0.004, 0.03):
+        metrics.added_latency.labels("unflagged", "none").observe(seconds)
+    metrics.added_latency.labels("flagged", "hp").observe(2.0)  # another label: must not leak in
+    after = parse_histogram(metrics.exposition().decode(), "eco_added_latency_seconds", {"path": "unflagged"})
+    window = after.minus(before)
+    assert window.count == 5
+    assert window.total == pytest.approx(0.0373)
+    # rank 2.5 of 5 falls in the (0.001, 0.002] bucket, which holds observations 2 and 3
+    assert window.quantile(0.5) == pytest.approx(0.001 + 0.001 * 0.75)
+    assert 0.02 < window.quantile(0.99) <= 0.05
+
+
+def test_histogram_quantile_beyond_last_bucket_and_empty() -> None:
+    snapshot = HistogramSnapshot(((0.1, 1.0), (math.inf, 4.0)), total=10.0, count=4.0)
+    assert snapshot.quantile(0.9) == 0.1  # only the last finite bound is known
+    assert math.isnan(HistogramSnapshot((), 0.0, 0.0).quantile(0.5))
+
+
+def test_format_table_aligns_columns() -> None:
+    lines = format_table([{"a": 1.234, "b": "x"}, {"a": None, "b": "long"}], ["a", "b"]).splitlines()
+    assert lines[2].split() == ["1.23", "x"]
+    assert lines[3].split() == ["-", "long"]
+    assert len({len(line) for line in lines}) == 1
+
+
+@pytest.mark.parametrize("encode", [fast_payload.encode_zip_pybase64, fast_payload.encode_legacy_pybase64])
+def test_alternative_encodings_decode_like_vllm(encode) -> None:
+    embeds = torch.randn(5, 16).to(torch.bfloat16)
+    decoded = fast_payload.decode_as_vllm(encode(embeds))
+    assert decoded.dtype == torch.bfloat16 and torch.equal(decoded, embeds)
+    with pytest.raises(ValueError, match="tokens, hidden"):
+        encode(embeds[0])
+
+
+def test_zip_pybase64_is_byte_identical_to_the_proxy_encoding() -> None:
+    embeds = torch.randn(7, 32).to(torch.bfloat16)
+    assert fast_payload.encode_zip_pybase64(embeds) == encode_prompt_embeds(embeds)
+
+
+@pytest.mark.parametrize("body", [{}, {"model": "m", "stream": True, "max_tokens": 8}])
+def test_spliced_body_equals_json_dumps(body: dict) -> None:
+    payload = encode_prompt_embeds(torch.randn(3, 8).to(torch.bfloat16))
+    assert fast_payload.request_body_bytes(body, payload) == json.dumps({**body, "prompt_embeds": payload}).encode()
+    with pytest.raises(ValueError, match="already"):
+        fast_payload.request_body_bytes({"prompt_embeds": "x"}, payload)
+
+
+def test_echo_stream_reads_as_the_echo_text() -> None:
+    echo = EchoUpstream("m", 2048)
+    events = [json.loads(e.removeprefix(b"data: ")) for e in echo.chat_stream[:-1]]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == ECHO_TEXT
+    assert echo.chat_stream[-1] == b"data: [DONE]\n\n"
+    assert json.loads(echo.chat)["choices"][0]["message"]["content"] == ECHO_TEXT
+    assert "not-a-model" in json.loads(echo.models)["data"][0]["owned_by"]
