@@ -6,7 +6,7 @@ VENV ?= .venv
 BACKEND ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(BACKEND)
 
-.PHONY: install serve test test-unit
+.PHONY: install serve test test-unit demo-artifacts
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ test: install
 
 test-unit: install
 	$(VENV)/bin/python -m pytest -m unit
+
+# Retrain the shipped demo artifacts (classifiers, corruption strengths) on a real backend.
+demo-artifacts: install
+	$(VENV)/bin/eco-proxy demo build

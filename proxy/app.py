@@ -74,7 +74,8 @@ class ProxyState:
         """Load the policy file again; on any error the running policy stays in force."""
         async with self._reload_lock:
             try:
-                policy = await run_in_threadpool(load_policy, self.policy_path, self.encoders)
+                policy = await run_in_threadpool(load_policy, self.policy_path, self.encoders,
+                                                  self.guard.embeddings.hidden_size)
             except PolicyError:
                 self.metrics.reloads.labels("rejected").inc()
                 raise
@@ -194,8 +195,13 @@ async def _generate(state: ProxyState, request: Request, endpoint: Endpoint) -> 
     if body.get("echo") or body.get("prompt_logprobs") is not None:
         return error_response(400, "echo and prompt_logprobs are not available for this prompt",
                               param="echo" if body.get("echo") else "prompt_logprobs", headers=headers)
-    payloads = await run_in_threadpool(
-        lambda: [encode_prompt_embeds(state.guard.prompt_embeddings(p, d)) for p, d in zip(prompts, decisions)])
+    try:
+        payloads = await run_in_threadpool(
+            lambda: [encode_prompt_embeds(state.guard.prompt_embeddings(p, d)) for p, d in zip(prompts, decisions)])
+    except Exception:  # the flagged prompt cannot go out uncorrupted: refuse it, say so, keep the trace in the log
+        log.exception("corrupting a prompt flagged by %s failed", target_name)
+        return error_response(500, "the proxy could not corrupt this prompt; the request was not sent",
+                              "InternalServerError", headers=headers)
     if endpoint == "completions":
         upstream_body = {k: v for k, v in body.items() if k != "prompt"}
         upstream_body["prompt_embeds"] = payloads if len(payloads) > 1 else payloads[0]

@@ -1,4 +1,4 @@
-"""Subcommands of the proxy room: `serve` and `model prepare`."""
+"""Subcommands of the proxy room: `serve`, `model prepare` and `eval`."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,35 @@ def register(groups: argparse._SubParsersAction) -> None:
     prepare.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     prepare.set_defaults(run=_prepare)
 
+    demo = groups.add_parser("demo", help="the shipped demo target")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True)
+    build = demo_commands.add_parser(
+        "build", help="rebuild the demo classifiers, kept probes and corruptions from demo/*.jsonl",
+        description="Starts vLLM on the default model unless --backend-url is given.")
+    build.add_argument("--backend-url", help="a running vLLM with prompt embeddings enabled")
+    build.add_argument("--model-dir", help="the served model's directory (default: prepare gemma-3-270m)")
+    build.set_defaults(run=_demo_build)
+
+    evaluate = groups.add_parser(
+        "eval", help="measure unlearning and utility: raw backend vs guarded endpoint",
+        description="Runs knowledge, verbatim, utility, gate, sustainability and baseline measurements "
+                    "against two OpenAI-compatible endpoints; writes report.json, report.md and PNG plots.")
+    evaluate.add_argument("--raw", required=True, help="the unguarded endpoint (vLLM), e.g. http://127.0.0.1:8100")
+    evaluate.add_argument("--guarded", required=True, help="the guarded endpoint, e.g. http://127.0.0.1:8000")
+    evaluate.add_argument("--data", default="demo/harry_potter", help="the target's data directory")
+    evaluate.add_argument("--target", default="harry_potter", help="the target's name")
+    evaluate.add_argument("--description", default="the Harry Potter books and films",
+                          help="the target in words, for the system-prompt baseline")
+    evaluate.add_argument("--retain-set", action="append", default=None,
+                          help="retain prompt files in --data whose test split the gate is measured on "
+                               "(default: retain_fiction.jsonl and retain_general.jsonl)")
+    evaluate.add_argument("--second-data", help="a second target's data directory (sustainability)")
+    evaluate.add_argument("--second-target", default="star_wars")
+    evaluate.add_argument("--two-targets", help="an endpoint guarding both targets (sustainability)")
+    evaluate.add_argument("--concurrency", type=int, default=8)
+    evaluate.add_argument("--out", default="eval-report", help="directory for report.json, report.md, *.png")
+    evaluate.set_defaults(run=_eval)
+
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """Command line first, then ECO_* environment variables, then the schema's defaults."""
@@ -76,4 +105,52 @@ def _prepare(args: argparse.Namespace) -> int:
     except ModelPrepError as exc:
         print(f"eco-proxy model prepare: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _demo_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from proxy.backend import VllmServer
+    from proxy.demo import build
+    from proxy.model_prep import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model_dir = Path(args.model_dir) if args.model_dir else prepare_default_model()
+    if args.backend_url:
+        return build(args.backend_url, model_dir)
+    with VllmServer(model_dir, DEFAULT_MODEL_NAME, log_path=cache_dir() / "logs" / "vllm-demo-build.log") as server:
+        return build(server.url, model_dir)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from proxy.evaluation.client import Endpoint, EndpointError
+    from proxy.evaluation.harness import evaluate, load_target
+    from proxy.evaluation.report import markdown, plots
+
+    if bool(args.second_data) != bool(args.two_targets):
+        print("eco-proxy eval: --second-data and --two-targets go together", file=sys.stderr)
+        return 2
+    try:
+        retain_sets = args.retain_set or ["retain_fiction.jsonl", "retain_general.jsonl"]
+        target = load_target(Path(args.data), args.target, retain_sets)
+        second = load_target(Path(args.second_data), args.second_target, []) if args.second_data else None
+        raw = Endpoint(args.raw, concurrency=args.concurrency)
+        guarded = Endpoint(args.guarded, raw.model, concurrency=args.concurrency)
+        both = Endpoint(args.two_targets, raw.model, concurrency=args.concurrency) if args.two_targets else None
+        report = evaluate(raw, guarded, target, args.description, second, both)
+    except (OSError, ValueError, KeyError, EndpointError) as exc:
+        print(f"eco-proxy eval: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / "report.md").write_text(table)
+    pictures = plots(report, out)
+    print(table)
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(p) for p in pictures))
     return 0

@@ -105,16 +105,19 @@ def read_policy_config(path: Path) -> PolicyConfig:
         raise PolicyError(f"policy {path}: {problems}") from exc
 
 
-def load_policy(path: str | Path, encoders: dict[str, Encoder] | None = None) -> ActivePolicy:
-    """Validate the file and load every artifact it names. `encoders` is shared across reloads."""
+def load_policy(path: str | Path, encoders: dict[str, Encoder] | None = None,
+                hidden_size: int | None = None) -> ActivePolicy:
+    """Validate the file and load every artifact it names. `encoders` is shared across reloads;
+    `hidden_size` (the served model's) is checked against each corruption's dimensions."""
     path = Path(path).resolve()
     config = read_policy_config(path)
     encoders = {} if encoders is None else encoders
-    targets = tuple(_load_target(path.parent, i, t, encoders) for i, t in enumerate(config.targets))
+    targets = tuple(_load_target(path.parent, i, t, encoders, hidden_size) for i, t in enumerate(config.targets))
     return ActivePolicy(config.version, targets, config.audit.include_text, path)
 
 
-def _load_target(base: Path, index: int, config: TargetConfig, encoders: dict[str, Encoder]) -> ActiveTarget:
+def _load_target(base: Path, index: int, config: TargetConfig, encoders: dict[str, Encoder],
+                 hidden_size: int | None) -> ActiveTarget:
     where = f"targets.{index}"
     artifact = base / config.classifier
     try:
@@ -132,6 +135,12 @@ def _load_target(base: Path, index: int, config: TargetConfig, encoders: dict[st
             corruption = CorruptionSpec.from_result_file(corruption_path)
         except (OSError, ValueError, KeyError) as exc:
             raise PolicyError(f"{where}.corruption_file: cannot load {corruption_path}: {exc}") from exc
+    if hidden_size is not None:
+        try:
+            corruption.check_hidden_size(hidden_size)
+        except ValueError as exc:
+            field = "corruption" if config.corruption is not None else "corruption_file"
+            raise PolicyError(f"{where}.{field}: {exc}") from exc
     entities = config.entities if config.entities is not None else classifier.entities_
     if corruption.scope == "entities" and not entities:
         raise PolicyError(f"{where}.entities: scope 'entities' needs entity terms (none in the artifact)")

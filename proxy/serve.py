@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer
 
-from corruption.embeddings import EmbeddingTable
+from corruption.embeddings import EmbeddingError, EmbeddingTable
 from proxy.app import ProxyState, create_app
 from proxy.backend import VllmServer, backend_is_ready
 from proxy.guard import Guard
@@ -87,7 +87,7 @@ def run(settings: ServeSettings) -> int:
             log.warning("backend %s is not reachable yet; /ready reports 503 until it is", backend_url)
         _serve_http(state, settings)
         return 0
-    except PolicyError as exc:
+    except (PolicyError, EmbeddingError) as exc:
         log.error("%s", exc)
         return 2
     finally:
@@ -103,10 +103,10 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> ProxyState:
     encoders: dict = {}
-    policy = load_policy(settings.policy, encoders)
+    embeddings = EmbeddingTable.from_model_dir(model_dir, scale=settings.embedding_scale)
+    policy = load_policy(settings.policy, encoders, embeddings.hidden_size)
     metrics = Metrics()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    embeddings = EmbeddingTable.from_model_dir(model_dir, scale=settings.embedding_scale)
     return ProxyState(
         policy=policy,
         policy_path=str(settings.policy),

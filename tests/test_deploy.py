@@ -472,9 +472,9 @@ def _tiny_model_dir(directory: Path) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(directory)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              "hidden_size": 8, "num_attention_heads": 2, "vocab_size": len(words)}
+              "hidden_size": 640, "num_attention_heads": 2, "vocab_size": len(words)}
     (directory / "config.json").write_text(json.dumps(config))
-    save_file({"model.embed_tokens.weight": torch.randn(len(words), 8)}, directory / "model.safetensors")
+    save_file({"model.embed_tokens.weight": torch.randn(len(words), 640)}, directory / "model.safetensors")
     return directory
 
 

@@ -276,6 +276,10 @@ def test_reload_admin_endpoint_and_sighup(backend, tmp_path):
         assert rejected.status_code == 400 and "corruption" in rejected.json()["error"]["message"]
         assert httpx.get(f"{proxy.url}/ready").json()["policy_version"] == "v1"
 
+        train_tiny_policy(tmp_path, version="v1-wide", corruption="{method: zero_first_n, dims: 4096}")
+        too_wide = httpx.post(reload_url, headers=good, timeout=60).json()["error"]["message"]
+        assert "targets.0.corruption" in too_wide and "hidden size 640" in too_wide
+
         train_tiny_policy(tmp_path, version="v2")
         assert httpx.post(reload_url, headers=good, timeout=60).json()["policy_version"] == "v2"
 
@@ -295,7 +299,7 @@ def test_reload_admin_endpoint_and_sighup(backend, tmp_path):
 # --- backend down and back ---------------------------------------------------------------
 
 def test_backend_killed_then_back(tiny_llama_backend, tmp_path):
-    policy = train_tiny_policy(tmp_path)
+    policy = train_tiny_policy(tmp_path, corruption="{method: gaussian_first_n, dims: 128, sigma: 4.0, scope: all}")
     proxy = start_proxy(policy, tiny_llama_backend.url, tiny_llama_backend.model_dir,
                         tiny_llama_backend.served_model_name, tmp_path)
     body = {"model": tiny_llama_backend.served_model_name, "prompt": UNFLAGGED_PROMPT, "max_tokens": 4}

@@ -1,0 +1,70 @@
+"""Rebuild the shipped demo artifacts from the data in demo/, against a real backend.
+
+1. keep the knowledge probes the base model answers right (probes.kept.jsonl, retain_probes.kept.jsonl);
+2. train and calibrate each target's classifier (demo/<target>/classifier/);
+3. learn each target's corruption strength on the train split of its kept probes
+   (demo/<target>/corruption.json); the other probes stay held out for `eco-proxy eval`.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from classifier.data import split_of
+from corruption.probes import read_probes
+from proxy.evaluation.client import Endpoint
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
+PROBE_TOKENS = 8
+
+
+def keep_known_probes(endpoint: Endpoint, source: Path, destination: Path) -> tuple[int, int]:
+    """Write the probes whose greedy completion through `endpoint` contains an answer."""
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    probes = read_probes(source)
+    replies = endpoint.complete([p.prompt for p in probes], PROBE_TOKENS, f"probing {source.name}")
+    kept = [r for r, p, reply in zip(records, probes, replies) if p.answered_by(reply.text)]
+    destination.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    return len(kept), len(records)
+
+
+def _train_split(kept: Path, workdir: Path) -> Path:
+    lines = [line for line in kept.read_text(encoding="utf-8").splitlines()
+             if line.strip() and split_of(json.loads(line)["prompt"]) == "train"]
+    path = workdir / f"{kept.parent.name}-train-probes.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
+    from proxy.cli import main
+
+    hp, sw = demo_dir / "harry_potter", demo_dir / "star_wars"
+    endpoint = Endpoint(backend_url)
+    for source, destination in ((hp / "probes.jsonl", hp / "probes.kept.jsonl"),
+                                (hp / "retain_probes.jsonl", hp / "retain_probes.kept.jsonl"),
+                                (sw / "probes.jsonl", sw / "probes.kept.jsonl")):
+        kept, total = keep_known_probes(endpoint, source, destination)
+        print(f"{destination.relative_to(demo_dir)}: the model answers {kept} of {total} probes")
+
+    classifiers = [
+        ["--forget", str(hp / "forget.jsonl"), "--retain", str(hp / "retain_fiction.jsonl"),
+         "--retain", str(hp / "retain_general.jsonl"), "--out", str(hp / "classifier")],
+        # Harry Potter prompts are negatives for the second target: the two must not overlap
+        ["--forget", str(sw / "forget.jsonl"), "--retain", str(sw / "retain.jsonl"),
+         "--retain", str(hp / "retain_general.jsonl"), "--retain", str(hp / "forget.jsonl"),
+         "--out", str(sw / "classifier")],
+    ]
+    for arguments in classifiers:
+        if main(["classifier", "train", "--alpha", "0.05", *arguments]) != 0:
+            return 1
+    with tempfile.TemporaryDirectory() as workdir:
+        for target in (hp, sw):
+            code = main(["corruption", "train", "--backend-url", backend_url, "--model-dir", str(model_dir),
+                         "--probes", str(_train_split(target / "probes.kept.jsonl", Path(workdir))),
+                         "--control", str(hp / "control_probes.jsonl"), "--out", str(target / "corruption.json"),
+                         "--initial", "0.1", "--steps", "12", "--samples", "3"])
+            if code != 0:
+                return code
+    return 0

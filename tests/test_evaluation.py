@@ -1,0 +1,109 @@
+"""The evaluation harness's metrics and aggregation, on small fixtures (no endpoints)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corruption.probes import Probe
+from proxy.evaluation.client import Reply
+from proxy.evaluation.harness import TargetData, evaluate, load_target
+from proxy.evaluation.metrics import answer_rate, identity_rate, rouge_l_f1
+from proxy.evaluation.report import markdown, plots
+
+pytestmark = pytest.mark.unit
+
+
+def test_rouge_l():
+    assert rouge_l_f1("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l_f1("", "anything") == 0.0 and rouge_l_f1("dog", "cat") == 0.0
+    # LCS "the cat the mat" = 4 of 6 candidate words and 4 of 5 reference words
+    assert rouge_l_f1("the cat sat on the mat", "The cat, the red mat") == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
+
+
+def test_rates_with_intervals():
+    probes = [Probe("a", ("Paris",)), Probe("b", ("Tokyo", "Edo"))]
+    result = answer_rate(probes, [" Paris, of course", " edo"])
+    assert result["rate"] == 1.0 and result["n"] == 2 and result["ci"][1] == 1.0
+    assert identity_rate(["x", "y"], ["x", "z"])["rate"] == 0.5
+    with pytest.raises(ValueError):
+        answer_rate(probes, ["only one"])
+
+
+class ScriptedEndpoint:
+    """Answers from a table: the harness's aggregation is what is under test, not an endpoint."""
+
+    def __init__(self, base_url: str, knows: set[str], flags: set[str] = frozenset(), model: str = "m"):
+        self.base_url, self.knows, self.flags, self.model = base_url, knows, flags, model
+
+    def _reply(self, prompt: str) -> Reply:
+        known = [answer for key, answer in ANSWERS.items() if prompt.endswith(key) and key in self.knows]
+        flagged = None if self.base_url == "raw" else any(word in prompt for word in self.flags)
+        return Reply(f" {known[0]} and so on" if known else " something else", flagged, None)
+
+    def complete(self, prompts, max_tokens, desc):
+        return [self._reply(p) for p in prompts]
+
+    def chat(self, conversations, max_tokens, desc):
+        return [self._reply(c[-1]["content"]) for c in conversations]
+
+
+ANSWERS = {"owl is named": "Hedwig", "headmaster is Albus": "Dumbledore", "capital of Japan is": "Tokyo",
+           "Frodo carries the One": "Ring", "Threnmoor was Edwin": "Callow"}
+TARGET = TargetData(
+    name="hp",
+    forget_probes=[Probe("Harry's owl is named", ("Hedwig",)), Probe("The headmaster is Albus", ("Dumbledore",))],
+    forget_prompts=["Who is Harry?", "Tell me about Hogwarts"],
+    control_probes=[Probe("The founder of Threnmoor was Edwin", ("Callow",))],
+    retain_probes=[Probe("The capital of Japan is", ("Tokyo",)), Probe("Frodo carries the One", ("Ring",))],
+    retain_prompts={"retain_general": ["What is the capital of Japan?", "How do owls sleep?"]},
+    attack=[[{"role": "user", "content": "Hogwartz?"}]],
+    verbatim=[("Harry's owl is named", "Hedwig and so on")],
+)
+
+
+def test_evaluate_aggregates_systems_gate_and_goals(tmp_path):
+    everything = {"owl is named", "headmaster is Albus", "capital of Japan is", "Frodo carries the One"}
+    raw = ScriptedEndpoint("raw", everything)
+    guarded = ScriptedEndpoint("guarded", {"capital of Japan is", "Frodo carries the One"},
+                               flags={"Harry", "Hogwarts", "headmaster"})
+    report = evaluate(raw, guarded, TARGET, "Harry Potter")
+    systems = report["systems"]
+    assert systems["raw"]["forget_answer_rate"]["rate"] == 1.0
+    assert systems["guarded"]["forget_answer_rate"]["rate"] == 0.0
+    assert systems["guarded"]["retain_identical_to_raw"]["rate"] == 1.0
+    # the system prompt is prepended, so the scripted model (matching on the ending) still answers
+    assert systems["system_prompt"]["forget_answer_rate"]["rate"] == 1.0
+    assert systems["refusal"]["forget_answer_rate"]["rate"] == 0.0
+    assert systems["raw"]["verbatim_rouge_l"] == 1.0 and systems["refusal"]["verbatim_rouge_l"] < 0.5
+    assert report["gate"]["forget"]["rate"] == 1.0 and report["gate"]["retain_general"]["rate"] == 0.0
+    assert report["gate"]["attack"]["rate"] == 0.0  # "Hogwartz" slips through this scripted gate
+    assert report["control_answer_rate"]["rate"] == 0.0
+    assert report["goals"] == {"forget_at_or_below_control": True, "retain_equal_to_raw": True}
+    table = markdown(report)
+    assert "| ECO proxy" in table and "Goals: forget answer rate at or below control: **yes**" in table
+    assert all(p.stat().st_size > 0 for p in plots(report, tmp_path))
+
+
+def test_refusal_baseline_costs_retain_when_the_gate_misfires():
+    raw = ScriptedEndpoint("raw", {"capital of Japan is", "Frodo carries the One"})
+    guarded = ScriptedEndpoint("guarded", {"capital of Japan is", "Frodo carries the One"}, flags={"Frodo"})
+    report = evaluate(raw, guarded, TARGET, "Harry Potter")
+    assert report["systems"]["refusal"]["retain_answer_rate"]["rate"] == 0.5
+    assert report["systems"]["guarded"]["retain_answer_rate"]["rate"] == 1.0
+
+
+def test_load_target_leaves_out_the_probes_trained_on(tmp_path):
+    from classifier.data import split_of
+
+    prompts = [f"Fact number {i} is" for i in range(40)]
+    (tmp_path / "probes.jsonl").write_text("".join(json.dumps({"prompt": p, "answers": ["x"]}) + "\n" for p in prompts))
+    (tmp_path / "forget.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    (tmp_path / "retain_probes.jsonl").write_text(json.dumps({"prompt": "a", "answers": ["b"], "source": "lotr"}) + "\n")
+    target = load_target(tmp_path, "t", [])
+    assert [p.prompt for p in target.forget_probes] == [p for p in prompts if split_of(p) != "train"]
+    assert target.forget_prompts == [p for p in prompts if split_of(p) == "test"]
+    assert target.retain_sources == ["lotr"] and target.attack == [] and target.verbatim == []
+    (tmp_path / "probes.kept.jsonl").write_text(json.dumps({"prompt": "kept", "answers": ["x"]}) + "\n")
+    kept = [p.prompt for p in load_target(tmp_path, "t", []).forget_probes]
+    assert kept == [p for p in ["kept"] if split_of(p) != "train"]  # the filtered file wins when present
