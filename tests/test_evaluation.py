@@ -99,11 +99,17 @@ def test_load_target_leaves_out_the_probes_trained_on(tmp_path):
     prompts = [f"Fact number {i} is" for i in range(40)]
     (tmp_path / "probes.jsonl").write_text("".join(json.dumps({"prompt": p, "answers": ["x"]}) + "\n" for p in prompts))
     (tmp_path / "forget.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
-    (tmp_path / "retain_probes.jsonl").write_text(json.dumps({"prompt": "a", "answers": ["b"], "source": "lotr"}) + "\n")
+    (tmp_path / "retain_probes.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "answers": ["b"], "source": f"s{i}"}) + "\n" for i, p in enumerate(prompts)))
     target = load_target(tmp_path, "t", [])
     assert [p.prompt for p in target.forget_probes] == [p for p in prompts if split_of(p) != "train"]
     assert target.forget_prompts == [p for p in prompts if split_of(p) == "test"]
-    assert target.retain_sources == ["lotr"] and target.attack == [] and target.verbatim == []
+    held_out = [i for i, p in enumerate(prompts) if split_of(p) != "train"]
+    assert [p.prompt for p in target.retain_probes] == [prompts[i] for i in held_out]
+    assert target.retain_sources == [f"s{i}" for i in held_out]
+    assert target.attack == [] and target.verbatim == []
     (tmp_path / "probes.kept.jsonl").write_text(json.dumps({"prompt": "kept", "answers": ["x"]}) + "\n")
     kept = [p.prompt for p in load_target(tmp_path, "t", []).forget_probes]
     assert kept == [p for p in ["kept"] if split_of(p) != "train"]  # the filtered file wins when present
+    (tmp_path / "verbatim.jsonl").write_text(json.dumps({"prefix": "Harry's owl is", "reference": "Hedwig."}) + "\n")
+    assert load_target(tmp_path, "t", []).verbatim == [("Harry's owl is", "Hedwig.")]

@@ -7,8 +7,9 @@
 5. sustainability: with a second target added, the first stays forgotten and retain stays intact;
 6. baselines: no guard, a "do not discuss" system prompt, and the classifier with a canned refusal.
 
-Probes used to train the corruption (the "train" split) are left out; the gate is measured on
-the classifier's test split, and on the whole attack set (never trained on).
+Probes in the "train" split (used to train the corruption, and where their text is also a
+classifier example, the classifier) are left out; the gate is measured on the classifier's test
+split, and on the whole attack set (never trained on).
 """
 from __future__ import annotations
 
@@ -58,20 +59,29 @@ def _conversation(record: dict[str, Any]) -> list[dict[str, str]]:
     return record["messages"] if "messages" in record else [{"role": "user", "content": record["text"]}]
 
 
+def _held_out_probes(path: Path) -> tuple[list[Probe], list[str]]:
+    """Probes outside the "train" split, with their sources. A text's hash gives it the same split in
+    every file, so a held-out probe was never trained on, even where its text is also a classifier example."""
+    pairs = [(probe, record.get("source", "")) for probe, record in zip(read_probes(path), _records(path))
+             if split_of(probe.prompt) != "train"]
+    return [p for p, _ in pairs], [s for _, s in pairs]
+
+
 def load_target(directory: Path, name: str, retain_files: Sequence[str]) -> TargetData:
-    probes = [p for p in read_probes(_kept_or_all(directory, "probes")) if split_of(p.prompt) != "train"]
+    probes, _ = _held_out_probes(_kept_or_all(directory, "probes"))
     optional = lambda f: directory / f if (directory / f).exists() else None  # noqa: E731
-    retain_path = _kept_or_all(directory, "retain_probes") if optional("retain_probes.jsonl") else None
+    retain_probes, retain_sources = (_held_out_probes(_kept_or_all(directory, "retain_probes"))
+                                     if optional("retain_probes.jsonl") else ([], []))
     return TargetData(
         name=name,
         forget_probes=probes,
         forget_prompts=_test_split(directory / "forget.jsonl"),
         control_probes=read_probes(p) if (p := optional("control_probes.jsonl")) else [],
-        retain_probes=read_probes(retain_path) if retain_path else [],
-        retain_sources=[r.get("source", "") for r in _records(retain_path)] if retain_path else [],
+        retain_probes=retain_probes,
+        retain_sources=retain_sources,
         retain_prompts={Path(f).stem: _test_split(directory / f) for f in retain_files},
         attack=[_conversation(r) for r in read_jsonl(p)] if (p := optional("attack.jsonl")) else [],
-        verbatim=[(r["prefix"], r["reference"]) for r in read_jsonl(p)] if (p := optional("verbatim.jsonl")) else [],
+        verbatim=[(r["prefix"], r["reference"]) for r in _records(p)] if (p := optional("verbatim.jsonl")) else [],
     )
 
 
