@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -54,6 +55,18 @@ UNFLAGGED_PROMPTS = (
     "Who was the first person on the Moon?",
     "What are the three primary colours?",
 )
+
+
+class FreshPrompts:
+    """Prompts never seen before (so no cache anywhere has them): base prompts, numbered."""
+
+    def __init__(self, base: Sequence[str]):
+        self._base = list(base)
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        n = next(self._count)
+        return f"{self._base[n % len(self._base)]} (request {n})"
 
 
 # ---------------------------------------------------------------- statistics
@@ -281,11 +294,15 @@ def passthrough_policy(workdir: Path) -> Path:
     return path
 
 
-def start_proxy(policy: Path, backend_url: str, model_dir: Path, model_name: str, workdir: Path):
-    """`eco-proxy serve` as a subprocess (tests/proxy_harness.py); returns its handle with `.url` and `.stop()`."""
+def start_proxy(policy: Path, backend_url: str, model_dir: Path, model_name: str, workdir: Path,
+                code_dir: Path | None = None):
+    """`eco-proxy serve` as a subprocess (tests/proxy_harness.py); returns its handle with `.url` and `.stop()`.
+    `code_dir`: run the proxy's code from that checkout instead (e.g. a git worktree of an earlier commit)."""
     from tests.proxy_harness import start_proxy as start
 
-    return start(policy, backend_url, model_dir, model_name, workdir, admin_key="bench-admin-key")
+    extra_env = {"PYTHONPATH": str(code_dir)} if code_dir else None
+    return start(policy, backend_url, model_dir, model_name, workdir, admin_key="bench-admin-key",
+                 extra_env=extra_env, cwd=code_dir)
 
 
 def chat_body(model: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:

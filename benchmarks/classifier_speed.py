@@ -1,12 +1,17 @@
-"""Figure 4 — the prompt classifier's speed: one prompt at a time, and in batches.
+"""Figure 4 — the prompt classifier's speed: one prompt at a time, concurrent callers, and batches.
 
 Uses the demo classifier artifact (the first target of demo/policy.yaml) when it exists,
 else a tiny classifier trained here on the test examples; either way the packaged
 all-MiniLM-L6-v2 encoder does the work, on the CPU. Reports
 
-- single-prompt latency (p50/p95) of `score_segments` with one segment, and with the two
-  segments the proxy passes for a one-message chat (the rendered prompt and the message),
-  for short questions and for long (~250-word) prompts;
+- single-prompt latency (p50/p95) of `score_segments`, cold (every text new: the encoder's
+  cache is off) and warm (the same texts again: served by the cache), for a short question,
+  a long (~250-word) prompt, and a system + user chat (what the proxy reads of it: the
+  rendered conversation and each message; warm, the system prompt repeats, the user message
+  is new);
+- concurrent callers: N threads each classifying new short prompts, the way the proxy's
+  request threads do. "batched" is the encoder as shipped (callers share forward passes);
+  "per call" runs one forward pass per call, in parallel, as the encoder did before;
 - throughput of `predict_proba` for batches of 1, 8, 32 and 64 prompts.
 
     .venv/bin/python benchmarks/classifier_speed.py [--quick]
@@ -14,18 +19,20 @@ all-MiniLM-L6-v2 encoder does the work, on the CPU. Reports
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-
 from _common import (
     DEMO_POLICY,
     FLAGGED_PROMPTS,
     UNFLAGGED_PROMPTS,
+    FreshPrompts,
     format_table,
     pyplot,
     result_header,
@@ -34,22 +41,28 @@ from _common import (
     summarize_ms,
 )
 
+from classifier.encoder import Encoder
+from classifier.model import PromptClassifier
+
 BATCH_SIZES = (1, 8, 32, 64)
-SETTINGS = {"quick": {"single": 40, "batches_s": 3.0}, "full": {"single": 300, "batches_s": 10.0}}
+THREADS = (1, 2, 4, 8, 16)
+SETTINGS = {"quick": {"single": 40, "concurrent": 48, "batches_s": 3.0},
+            "full": {"single": 200, "concurrent": 192, "batches_s": 10.0}}
+SYSTEM_PROMPT = "You are a helpful assistant for a bookshop. Answer briefly and politely."
 
 
-def load_classifier(workdir: Path) -> tuple[Any, str]:
-    from classifier.model import PromptClassifier
-
+def load_classifier(workdir: Path, encoder: Encoder) -> tuple[PromptClassifier, str]:
     if DEMO_POLICY.is_file():
         targets = yaml.safe_load(DEMO_POLICY.read_text()).get("targets") or []
         if targets:
             artifact = DEMO_POLICY.parent / targets[0]["classifier"]
-            return PromptClassifier.load(artifact), f"demo artifact {artifact.relative_to(DEMO_POLICY.parent.parent)}"
+            return (PromptClassifier.load(artifact, encoder=encoder),
+                    f"demo artifact {artifact.relative_to(DEMO_POLICY.parent.parent)}")
     from tests.proxy_harness import train_tiny_policy
 
     train_tiny_policy(workdir, version="bench-tiny")
-    return PromptClassifier.load(workdir / "classifier"), "tiny classifier trained on tests/proxy_harness.py examples"
+    return (PromptClassifier.load(workdir / "classifier", encoder=encoder),
+            "tiny classifier trained on tests/proxy_harness.py examples")
 
 
 def long_prompt(seed: str, words: int = 250) -> str:
@@ -57,17 +70,48 @@ def long_prompt(seed: str, words: int = 250) -> str:
     return " ".join([*seed.split(), *(filler * (1 + words // len(filler)))][:words])
 
 
-def single_latency(classifier: Any, prompts: list[str], segments_of: Any, count: int) -> dict[str, float]:
+def chat_segments(user: str) -> list[str]:
+    """What the proxy classifies of a system + user chat: the rendered conversation and each message."""
+    rendered = f"<bos><start_of_turn>user\n{SYSTEM_PROMPT}\n\n{user}<end_of_turn>\n<start_of_turn>model\n"
+    return [rendered, SYSTEM_PROMPT, user]
+
+
+def single_latency(classifier: PromptClassifier, segments_of: Any, count: int) -> dict[str, float]:
     times = []
-    for i in range(count):
-        segments = segments_of(prompts[i % len(prompts)])
+    for _ in range(count):
+        segments = segments_of()
         began = time.perf_counter()
         classifier.score_segments(segments)
         times.append(time.perf_counter() - began)
     return summarize_ms(times)
 
 
-def batch_throughput(classifier: Any, prompts: list[str], batch: int, seconds: float) -> dict[str, float]:
+def score_per_call(classifier: PromptClassifier, texts: list[str]) -> float:
+    """The score as the encoder computed it before batching: a forward pass of its own per call."""
+    return float(classifier.window_scores(texts, classifier.encoder.forward(texts)).max())
+
+
+def concurrent(classifier: PromptClassifier, threads: int, calls: int, batched: bool) -> dict[str, Any]:
+    fresh = FreshPrompts([*UNFLAGGED_PROMPTS, *FLAGGED_PROMPTS])
+    prompts = [fresh() for _ in range(calls)]
+
+    def one(prompt: str) -> float:
+        began = time.perf_counter()
+        if batched:
+            classifier.score_segments([prompt])
+        else:
+            score_per_call(classifier, [prompt])
+        return time.perf_counter() - began
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        latencies = list(pool.map(one, prompts))
+    elapsed = time.perf_counter() - began
+    return {"threads": threads, "mode": "batched" if batched else "per call", **summarize_ms(latencies),
+            "prompts_per_s": calls / elapsed}
+
+
+def batch_throughput(classifier: PromptClassifier, prompts: list[str], batch: int, seconds: float) -> dict[str, float]:
     texts = [prompts[i % len(prompts)] for i in range(batch)]
     classifier.predict_proba(texts)  # warm-up
     times = []
@@ -81,23 +125,29 @@ def batch_throughput(classifier: Any, prompts: list[str], batch: int, seconds: f
             "batch_p95_ms": summary["p95_ms"], "prompts_per_s": batch * len(times) / sum(times)}
 
 
-def chat_segments(prompt: str) -> list[str]:
-    """What the proxy classifies for a one-message chat: the rendered conversation and the message."""
-    rendered = f"<bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
-    return [rendered, prompt]
-
-
-def plot(single: list[dict[str, Any]], batches: list[dict[str, Any]]) -> Path:
+def plot(single: list[dict[str, Any]], threads: list[dict[str, Any]], batches: list[dict[str, Any]]) -> Path:
     plt = pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['prompts']}\n{r['segments']}" for r in single]
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.8))
+    labels = [f"{r['prompt']}\n{r['cache']}" for r in single]
     xs = range(len(single))
     left.bar([x - 0.2 for x in xs], [r["p50_ms"] for r in single], width=0.4, label="p50")
     left.bar([x + 0.2 for x in xs], [r["p95_ms"] for r in single], width=0.4, label="p95")
-    left.set_xticks(list(xs), labels, fontsize=8)
+    left.set_xticks(list(xs), labels, fontsize=7)
     left.set_ylabel("ms per prompt")
-    left.set_title("single-prompt latency (score_segments)")
+    left.set_title("one call at a time (score_segments)")
     left.legend()
+    for mode, style in (("batched", "-o"), ("per call", ":x")):
+        rows = [r for r in threads if r["mode"] == mode]
+        middle.plot([r["threads"] for r in rows], [r["p50_ms"] for r in rows], style, label=f"{mode}: p50 latency")
+        middle.plot([r["threads"] for r in rows], [r["p99_ms"] for r in rows], style, alpha=0.5,
+                    label=f"{mode}: p99 latency")
+    middle.set_xscale("log", base=2)
+    middle.set_xticks(list(THREADS), [str(t) for t in THREADS])
+    middle.set_xlabel("concurrent callers")
+    middle.set_ylabel("ms per call")
+    middle.set_title("concurrent callers, new short prompts")
+    middle.legend(fontsize=7)
+    middle.grid(alpha=0.3)
     right.plot([b["batch"] for b in batches], [b["prompts_per_s"] for b in batches], "-o")
     right.set_xscale("log", base=2)
     right.set_xticks(list(BATCH_SIZES), [str(b) for b in BATCH_SIZES])
@@ -116,28 +166,42 @@ def main() -> int:
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     settings = SETTINGS[mode]
+    cold_encoder, warm_encoder = Encoder(cache_size=0), Encoder()
     with tempfile.TemporaryDirectory(prefix="eco-bench-classifier-") as tmp:
-        classifier, label = load_classifier(Path(tmp))
+        cold, label = load_classifier(Path(tmp), cold_encoder)
+        warm, _ = load_classifier(Path(tmp), warm_encoder)
     print(f"classifier: {label}; torch threads {torch.get_num_threads()}", flush=True)
     short = [*UNFLAGGED_PROMPTS, *FLAGGED_PROMPTS]
     long = [long_prompt(p) for p in short]
-    classifier.score_segments(short[:1])  # warm-up: first call builds the encoder's lazy state
+    cold.score_segments(short[:1])  # warm-up: the first call builds lazy state
+    warm.score_segments([*short, *long, SYSTEM_PROMPT])  # the warm cache: every base text seen once
 
-    single = []
-    for prompts_label, prompts in (("short (~10 words)", short), ("long (~250 words)", long)):
-        for segments_label, segments_of in (("1 segment", lambda p: [p]), ("chat: 2 segments", chat_segments)):
-            summary = single_latency(classifier, prompts, segments_of, settings["single"])
-            single.append({"prompts": prompts_label, "segments": segments_label, **summary})
-    print("\nSingle-prompt latency (ms):")
-    print(format_table(single, ["prompts", "segments", "n", "mean_ms", "p50_ms", "p95_ms", "p99_ms"]))
+    fresh_short, fresh_long = FreshPrompts(short), FreshPrompts(long)
+    repeat = itertools.cycle(range(len(short)))
+    cases = [
+        ("short question", "cold", cold, lambda: [fresh_short()]),
+        ("short question", "warm (repeated)", warm, lambda: [short[next(repeat)]]),
+        ("long prompt (~250 words)", "cold", cold, lambda: [fresh_long()]),
+        ("long prompt (~250 words)", "warm (repeated)", warm, lambda: [long[next(repeat)]]),
+        ("system + user chat", "cold", cold, lambda: chat_segments(fresh_short())),
+        ("system + user chat", "system prompt cached", warm, lambda: chat_segments(fresh_short())),
+    ]
+    single = [{"prompt": prompt, "cache": cache, **single_latency(classifier, segments_of, settings["single"])}
+              for prompt, cache, classifier, segments_of in cases]
+    print("\nOne call at a time (ms):")
+    print(format_table(single, ["prompt", "cache", "n", "mean_ms", "p50_ms", "p95_ms", "p99_ms"]))
 
-    batches = [batch_throughput(classifier, short, b, settings["batches_s"]) for b in BATCH_SIZES]
+    threads = [concurrent(cold, n, settings["concurrent"], batched) for n in THREADS for batched in (True, False)]
+    print("\nConcurrent callers, new short prompts (ms per call; batched = shipped, per call = before):")
+    print(format_table(threads, ["threads", "mode", "n", "p50_ms", "p95_ms", "p99_ms", "prompts_per_s"]))
+
+    batches = [batch_throughput(cold, short, b, settings["batches_s"]) for b in BATCH_SIZES]
     print("\nBatched throughput (predict_proba, short prompts):")
     print(format_table(batches, ["batch", "batches", "batch_p50_ms", "batch_p95_ms", "prompts_per_s"]))
 
     payload = {**result_header(), "mode": mode, "classifier": label, "torch_threads": torch.get_num_threads(),
-               "single_prompt": single, "batched": batches}
-    print(f"\nsaved {save_json('classifier_speed', payload)} and {plot(single, batches)}")
+               "single_prompt": single, "concurrent": threads, "batched": batches}
+    print(f"\nsaved {save_json('classifier_speed', payload)} and {plot(single, threads, batches)}")
     return 0
 
 

@@ -3,27 +3,31 @@
 For prompts of 16 ... 8192 tokens and hidden sizes 640 ... 8192, times each step the proxy
 takes for a flagged prompt: tokenisation (the gemma tokenizer, offsets included, as the
 proxy asks), embedding lookup (`EmbeddingTable.embed` on a memory-mapped bf16 table),
-corruption (`corruption.functions.corrupt`, Gaussian noise, with its keyed generator),
-serialisation (`corruption.payload.encode_prompt_embeds`) and the JSON request body
-(`json.dumps`, as `proxy/upstream.py` sends it); and the payload size.
+corruption (`corruption.functions.corrupt`, Gaussian noise, with its keyed generator) and
+serialisation: the tensor to base64 (`corruption.payload.encode_prompt_embeds`) plus the
+JSON request body around it (`request_body_with_embeds`); and the payload size.
 
 The embedding tables are synthetic (random bf16, `LlamaForCausalLM` config, vocabulary
 32k) in a temporary directory; one extra table with a 262k vocabulary at hidden 4096 shows
-that lookup does not grow with the table (i.e. the model's parameter count). Cheaper
-encodings from `benchmarks/fast_payload.py` are timed alongside, for comparison only, and
-checked to decode exactly as vLLM decodes; with a backend reachable, one is also sent to it.
+that lookup does not grow with the table (i.e. the model's parameter count).
 
-Goal: serialisation <= 10 ms per 1k tokens at hidden 4096.
+"before" columns time the serialisation the proxy used until the goal was missed (zip-format
+`torch.save`, standard library base64, then `json.dumps` of the whole body), kept here for the
+before/after record;
+both encodings are checked to decode to the same tensor the way vLLM decodes. With a backend
+reachable, one flagged-path body is also sent to it and its answer compared with the text
+prompt's.
+
+Goal: serialisation (tensor to request bytes) <= 10 ms per 1k tokens at hidden 4096.
 
     .venv/bin/python benchmarks/flagged_path.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
-import cProfile
+import base64
 import io
 import json
-import pstats
 import statistics
 import tempfile
 import time
@@ -33,9 +37,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pybase64
 import torch
-
-import fast_payload
 from _common import (
     DEFAULT_BACKEND_URL,
     FLAGGED_PROMPTS,
@@ -47,8 +50,12 @@ from _common import (
     save_figure,
     save_json,
 )
+
 from corruption.embeddings import EmbeddingTable
-from corruption.payload import encode_prompt_embeds
+from corruption.functions import corrupt
+from corruption.keys import keyed_generator
+from corruption.payload import prompt_embeds_base64, request_body_with_embeds
+from corruption.spec import CorruptionSpec
 
 LENGTHS = (16, 64, 256, 1024, 4096, 8192)
 HIDDEN_SIZES = (640, 1024, 2048, 4096, 8192)
@@ -107,97 +114,82 @@ def text_of_length(tokenizer: Any, tokens: int) -> str:
     return tokenizer.decode(ids[: tokens - 1])
 
 
-class Corrupter:
-    """`corruption.functions.corrupt` with a Gaussian spec and the proxy's keyed generator, when they exist."""
-
-    def __init__(self) -> None:
-        try:
-            from corruption.functions import corrupt
-            from corruption.keys import keyed_generator
-            from corruption.spec import CorruptionSpec
-        except ImportError as exc:
-            self.available, self.reason = False, f"corruption modules not importable yet ({exc})"
-            return
-        self.available, self.reason = True, "corruption.functions.corrupt"
-        self._corrupt, self._keyed, self._spec = corrupt, keyed_generator, CorruptionSpec
-
-    def spec(self, hidden: int) -> Any:
-        return self._spec.model_validate({"method": "gaussian_first_n", "dims": hidden, "sigma": 1.0, "scope": "all"})
-
-    def __call__(self, embeds: torch.Tensor, token_ids: list[int], spec: Any) -> torch.Tensor:
-        mask = torch.ones(embeds.shape[0], dtype=torch.bool)
-        return self._corrupt(embeds, spec, mask, self._keyed(SECRET, token_ids, "bench"))
+def corrupt_all(embeds: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """What the proxy does to a flagged prompt: Gaussian noise on every dimension, keyed by the prompt."""
+    spec = CorruptionSpec(method="gaussian_first_n", dims=embeds.shape[1], sigma=1.0)
+    mask = torch.ones(embeds.shape[0], dtype=torch.bool)
+    return corrupt(embeds, spec, mask, keyed_generator(SECRET, token_ids, "bench"))
 
 
-def measure_point(table: EmbeddingTable, tokens: int, corrupter: Corrupter, reps: int, budget: float,
+def serialise(embeds: torch.Tensor, body: dict[str, Any]) -> list[bytes]:
+    """The proxy's serialisation: tensor to base64, and the JSON request body as parts around it."""
+    return request_body_with_embeds(body, prompt_embeds_base64(embeds))
+
+
+def serialise_before(embeds: torch.Tensor, body: dict[str, Any]) -> bytes:
+    """The earlier serialisation, for the before/after record: zip format, stdlib base64, json.dumps over it all."""
+    buffer = io.BytesIO()
+    torch.save(embeds.contiguous(), buffer)
+    return json.dumps({**body, "prompt_embeds": base64.b64encode(buffer.getvalue()).decode("ascii")}).encode()
+
+
+def decode_as_vllm(body: bytes | list[bytes]) -> torch.Tensor:
+    """What vLLM does with the `prompt_embeds` of a request body (vllm/renderers/embed_utils.py), minus its checks."""
+    raw = pybase64.b64decode(json.loads(b"".join(body) if isinstance(body, list) else body)["prompt_embeds"],
+                             validate=True)
+    return torch.load(io.BytesIO(raw), weights_only=True, map_location=torch.device("cpu"))
+
+
+def measure_point(table: EmbeddingTable, tokens: int, reps: int, budget: float,
                   rng: np.random.Generator) -> dict[str, Any]:
     ids = rng.integers(0, table.vocab_size, size=tokens).tolist()
     embeds = table.embed(ids)
-    row: dict[str, Any] = {"tokens": tokens, "hidden": table.hidden_size, "vocab": table.vocab_size,
-                           "raw_bytes": embeds.numel() * embeds.element_size()}
-    row["lookup_ms"] = 1000 * timed(lambda: table.embed(ids), reps, budget)
-    if corrupter.available:
-        spec = corrupter.spec(table.hidden_size)
-        row["corrupt_ms"] = 1000 * timed(lambda: corrupter(embeds, ids, spec), reps, budget)
-    payload = encode_prompt_embeds(embeds)
-    row["payload_bytes"] = len(payload)
-    row["serialise_ms"] = 1000 * timed(lambda: encode_prompt_embeds(embeds), reps, budget)
     body = {"model": "bench", "max_tokens": 8, "temperature": 0, "stream": True}
-    row["json_body_ms"] = 1000 * timed(lambda: json.dumps({**body, "prompt_embeds": payload}).encode(), reps, budget)
-    for name, encode in (("zip_pybase64", fast_payload.encode_zip_pybase64),
-                         ("legacy_pybase64", fast_payload.encode_legacy_pybase64)):
-        candidate = encode(embeds)
-        if not torch.equal(fast_payload.decode_as_vllm(candidate), embeds):
-            raise AssertionError(f"{name} does not decode to the same tensor")
-        row[f"alt_{name}_ms"] = 1000 * timed(lambda: encode(embeds), reps, budget)
-    row["alt_spliced_body_ms"] = 1000 * timed(lambda: fast_payload.request_body_bytes(body, payload), reps, budget)
+    for encoded in (serialise(embeds, body), serialise_before(embeds, body)):
+        if not torch.equal(decode_as_vllm(encoded), embeds):
+            raise AssertionError("a serialisation does not decode to the tensor it was given")
+    row: dict[str, Any] = {"tokens": tokens, "hidden": table.hidden_size, "vocab": table.vocab_size,
+                           "payload_MiB": sum(len(part) for part in serialise(embeds, body)) / 2**20}
+    row["lookup_ms"] = 1000 * timed(lambda: table.embed(ids), reps, budget)
+    row["corrupt_ms"] = 1000 * timed(lambda: corrupt_all(embeds, ids), reps, budget)
+    row["serialise_ms"] = 1000 * timed(lambda: serialise(embeds, body), reps, budget)
+    row["serialise_before_ms"] = 1000 * timed(lambda: serialise_before(embeds, body), reps, budget)
     return row
 
 
 def profile_serialisation(table: EmbeddingTable, tokens: int) -> dict[str, Any]:
-    """Where encode_prompt_embeds and the JSON body spend their time (cProfile, and step by step)."""
-    import base64
-
+    """Where the serialisation spends its time, step by step, now and before."""
     embeds = table.embed(list(range(tokens)))
     buffer = io.BytesIO()
     torch.save(embeds, buffer)
-    raw = buffer.getvalue()
-    encoded = base64.b64encode(raw)
+    zipped = buffer.getvalue()
+    encoded = prompt_embeds_base64(embeds)
+    body = {"model": "bench", "max_tokens": 8}
     steps = {
-        "torch.save (zip)": lambda: torch.save(embeds, io.BytesIO()),
-        "torch.save (legacy)": lambda: torch.save(embeds, io.BytesIO(), _use_new_zipfile_serialization=False),
-        "base64.b64encode": lambda: base64.b64encode(raw),
-        "bytes.decode('ascii')": lambda: encoded.decode("ascii"),
-        "pybase64.b64encode_as_string": lambda: fast_payload.pybase64.b64encode_as_string(raw),
-        "json.dumps(body)": lambda: json.dumps({"prompt_embeds": encoded.decode("ascii")}),
+        "torch.save (legacy format)": lambda: torch.save(embeds, io.BytesIO(), _use_new_zipfile_serialization=False),
+        "pybase64.b64encode": lambda: pybase64.b64encode(zipped),
+        "request_body_with_embeds": lambda: request_body_with_embeds(body, encoded),
+        "before: torch.save (zip format)": lambda: torch.save(embeds, io.BytesIO()),
+        "before: base64.b64encode + decode": lambda: base64.b64encode(zipped).decode("ascii"),
+        "before: json.dumps(body)": lambda: json.dumps({**body, "prompt_embeds": encoded.decode("ascii")}).encode(),
     }
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(5):
-        json.dumps({"prompt_embeds": encode_prompt_embeds(embeds)}).encode()
-    profiler.disable()
-    report = io.StringIO()
-    pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(8)
     return {"tokens": tokens, "hidden": table.hidden_size,
-            "steps_ms": {name: 1000 * timed(step, 10, 1.0) for name, step in steps.items()},
-            "cprofile_top_tottime": report.getvalue().strip().splitlines()}
+            "steps_ms": {name: 1000 * timed(step, 10, 1.0) for name, step in steps.items()}}
 
 
 def backend_check(backend_url: str, model_dir: Path, tokenizer: Any) -> dict[str, Any]:
-    """Send one prompt to a live vLLM as prompt_embeds in each encoding; the greedy answers must agree."""
+    """One prompt through a live vLLM as the proxy sends it, against the same prompt as text (greedy)."""
     try:
         cards = httpx.get(f"{backend_url}/v1/models", timeout=5).json()["data"]
     except (httpx.HTTPError, ValueError, KeyError):
         return {"checked": False, "reason": f"no backend at {backend_url}"}
-    table = EmbeddingTable.from_model_dir(model_dir)
-    embeds = table.embed(tokenizer("The headmaster of Hogwarts is Albus").input_ids)
+    prompt = "The headmaster of Hogwarts is Albus"
+    embeds = EmbeddingTable.from_model_dir(model_dir).embed(tokenizer(prompt).input_ids)
+    body = {"model": cards[0]["id"], "max_tokens": 4, "temperature": 0}
     answers = {}
-    for name, encode in (("encode_prompt_embeds", encode_prompt_embeds),
-                         ("zip_pybase64", fast_payload.encode_zip_pybase64),
-                         ("legacy_pybase64", fast_payload.encode_legacy_pybase64)):
-        body = {"model": cards[0]["id"], "max_tokens": 4, "temperature": 0}
-        response = httpx.post(f"{backend_url}/v1/completions", timeout=120,
-                              content=fast_payload.request_body_bytes(body, encode(embeds)),
+    for name, request in (("text", json.dumps({**body, "prompt": prompt}).encode()),
+                          ("prompt_embeds", b"".join(serialise(embeds, body)))):
+        response = httpx.post(f"{backend_url}/v1/completions", timeout=120, content=request,
                               headers={"content-type": "application/json"})
         answers[name] = response.json()["choices"][0]["text"] if response.status_code == 200 else (
             f"HTTP {response.status_code}: {response.text[:200]}")
@@ -208,37 +200,24 @@ def backend_check(backend_url: str, model_dir: Path, tokenizer: Any) -> dict[str
 def plot(rows: list[dict[str, Any]], tokenise: dict[int, float]) -> Path:
     plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    steps = (("lookup_ms", "lookup", "-o"), ("corrupt_ms", "corrupt", "-o"), ("serialise_ms", "serialise", "-o"),
+             ("serialise_before_ms", "serialise, before", ":x"))
     goal_rows = [r for r in rows if r["hidden"] == GOAL_HIDDEN and r["vocab"] == VOCAB]
     ax = axes[0]
     xs = [r["tokens"] for r in goal_rows]
     ax.plot(list(tokenise), list(tokenise.values()), "-o", label="tokenise (gemma)")
-    for key, label in (("lookup_ms", "lookup"), ("corrupt_ms", "corrupt"), ("serialise_ms", "serialise (proxy)"),
-                       ("json_body_ms", "JSON body (proxy)"), ("alt_zip_pybase64_ms", "serialise zip+pybase64 (alt)"),
-                       ("alt_legacy_pybase64_ms", "serialise legacy+pybase64 (alt)"),
-                       ("alt_spliced_body_ms", "spliced body (alt)")):
-        if key in goal_rows[0]:
-            ax.plot(xs, [r[key] for r in goal_rows], "-o" if "alt" not in key else ":x", label=label)
+    for key, label, style in steps:
+        ax.plot(xs, [r[key] for r in goal_rows], style, label=label)
     ax.plot(xs, [GOAL_MS_PER_1K * t / 1024 for t in xs], "k--", label="goal: 10 ms per 1k tokens")
     ax.set_title(f"steps vs prompt length (hidden {GOAL_HIDDEN})")
     ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("ms")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
     ax = axes[1]
     at_1k = [r for r in rows if r["tokens"] == 1024 and r["vocab"] == VOCAB]
-    hs = [r["hidden"] for r in at_1k]
-    for key, label in (("lookup_ms", "lookup"), ("corrupt_ms", "corrupt"), ("serialise_ms", "serialise (proxy)"),
-                       ("json_body_ms", "JSON body (proxy)"), ("alt_zip_pybase64_ms", "zip+pybase64 (alt)")):
-        if key in at_1k[0]:
-            ax.plot(hs, [r[key] for r in at_1k], "-o", label=label)
+    for key, label, style in steps:
+        ax.plot([r["hidden"] for r in at_1k], [r[key] for r in at_1k], style, label=label)
     ax.axhline(GOAL_MS_PER_1K, color="k", linestyle="--", label="goal at hidden 4096")
     ax.set_title("steps vs hidden size (1024 tokens)")
     ax.set_xlabel("hidden size")
-    ax.set_ylabel("ms")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
     ax = axes[2]
     for vocab, style in ((VOCAB, "-o"), (LARGE_VOCAB, "--s")):
         selected = [r for r in rows if r["hidden"] == GOAL_HIDDEN and r["vocab"] == vocab]
@@ -246,10 +225,11 @@ def plot(rows: list[dict[str, Any]], tokenise: dict[int, float]) -> Path:
                 label=f"lookup, vocab {vocab:,} ({vocab * GOAL_HIDDEN * 2 / 2**30:.2f} GiB table)")
     ax.set_title(f"lookup vs table size (hidden {GOAL_HIDDEN})")
     ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("ms")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_ylabel("ms")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
     figure.suptitle("Flagged-path cost (2 shared CPU cores; indicative)")
     return save_figure(figure, "flagged_path")
 
@@ -269,8 +249,7 @@ def main() -> int:
     hf_logging.set_verbosity_error()  # long prompts exceed the tokenizer's nominal max length; that is the point
     model_dir = resolve_model_dir(args.model_dir, args.backend_url)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    corrupter = Corrupter()
-    print(f"corruption: {corrupter.reason}; torch threads {torch.get_num_threads()}", flush=True)
+    print(f"torch threads {torch.get_num_threads()}", flush=True)
 
     tokenise: dict[int, float] = {}
     token_counts: dict[int, int] = {}
@@ -294,42 +273,41 @@ def main() -> int:
                     rows.append({"tokens": tokens, "hidden": hidden, "vocab": vocab,
                                  "lookup_ms": 1000 * timed(lambda: table.embed(ids), reps, budget)})
                     continue
-                row = measure_point(table, tokens, corrupter, reps, budget, rng)
+                row = measure_point(table, tokens, reps, budget, rng)
                 row["tokenise_ms"] = tokenise[tokens]
                 rows.append(row)
             if hidden == GOAL_HIDDEN and vocab == VOCAB:
                 profile = profile_serialisation(table, 1024)
-            del table
 
-    columns = ["tokens", "hidden", "vocab", "tokenise_ms", "lookup_ms", "corrupt_ms", "serialise_ms", "json_body_ms",
-               "payload_MiB", "alt_zip_pybase64_ms", "alt_legacy_pybase64_ms", "alt_spliced_body_ms"]
-    for row in rows:
-        if "payload_bytes" in row:
-            row["payload_MiB"] = row["payload_bytes"] / 2**20
-    print("\nFlagged-path steps (median ms per prompt; alt_* are benchmarks/fast_payload.py, comparison only):")
+    columns = ["tokens", "hidden", "vocab", "tokenise_ms", "lookup_ms", "corrupt_ms", "serialise_ms",
+               "serialise_before_ms", "payload_MiB"]
+    print("\nFlagged-path steps (median ms per prompt):")
     print(format_table(rows, columns))
 
     goal_row = next(r for r in rows if r["hidden"] == GOAL_HIDDEN and r["tokens"] == 1024 and r["vocab"] == VOCAB)
     per_1k = {r["tokens"]: r["serialise_ms"] * 1024 / r["tokens"] for r in rows
               if r["hidden"] == GOAL_HIDDEN and r["vocab"] == VOCAB and r["tokens"] >= 1024}
+    before_1k = {r["tokens"]: r["serialise_before_ms"] * 1024 / r["tokens"] for r in rows
+                 if r["hidden"] == GOAL_HIDDEN and r["vocab"] == VOCAB and r["tokens"] >= 1024}
     goal = {"hidden": GOAL_HIDDEN, "goal_ms_per_1k_tokens": GOAL_MS_PER_1K, "serialise_ms_per_1k_tokens": per_1k,
-            "met": goal_row["serialise_ms"] <= GOAL_MS_PER_1K,
-            "json_body_ms_at_1k": goal_row["json_body_ms"],
-            "alternatives_ms_at_1k": {k: goal_row[k] for k in goal_row if k.startswith("alt_")}}
+            "before_ms_per_1k_tokens": before_1k, "met": max(per_1k.values()) <= GOAL_MS_PER_1K,
+            "before_over_after_at_1k": goal_row["serialise_before_ms"] / goal_row["serialise_ms"]}
     lookup_small = {r["tokens"]: r["lookup_ms"] for r in rows if r["hidden"] == GOAL_HIDDEN and r["vocab"] == VOCAB}
     lookup_large = {r["tokens"]: r["lookup_ms"] for r in rows if r["vocab"] == LARGE_VOCAB}
     print(f"\nGoal (serialisation <= {GOAL_MS_PER_1K} ms per 1k tokens at hidden {GOAL_HIDDEN}): "
           f"{'MET' if goal['met'] else 'MISSED'} — {goal_row['serialise_ms']:.2f} ms at 1024 tokens; per 1k at longer "
           f"prompts: " + ", ".join(f"{t}: {v:.2f}" for t, v in per_1k.items()))
-    print(f"then json.dumps of the request body: {goal_row['json_body_ms']:.2f} ms more at 1024 tokens")
+    print("before (stdlib base64 + json.dumps), per 1k tokens: " + ", ".join(
+        f"{t}: {v:.2f}" for t, v in before_1k.items()) + f"; before/after at 1024 tokens "
+          f"{goal['before_over_after_at_1k']:.1f}x")
     print("lookup, vocab 32k vs 262k at hidden 4096 (ms): " + ", ".join(
         f"{t}: {lookup_small[t]:.3f} vs {lookup_large[t]:.3f}" for t in LENGTHS))
     print("\nserialisation step by step at 1024 x 4096 (ms): " + ", ".join(
         f"{k} {v:.2f}" for k, v in profile["steps_ms"].items()))
     check = backend_check(args.backend_url, model_dir, tokenizer)
-    print(f"backend check of the alternative encodings: {check}")
+    print(f"backend check (text prompt vs the proxy's prompt_embeds body): {check}")
 
-    payload = {**result_header(), "mode": mode, "corruption": corrupter.reason,
+    payload = {**result_header(), "mode": mode,
                "corruption_spec": "gaussian_first_n over all dims, sigma 1.0, scope all",
                "tokeniser": str(model_dir.name), "token_counts": token_counts, "tokenise_ms": tokenise,
                "goal": goal, "lookup_vs_vocab": {"vocab_32k": lookup_small, "vocab_262k": lookup_large},

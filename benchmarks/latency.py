@@ -2,17 +2,22 @@
 
 Starts its own `eco-proxy serve` in front of the given vLLM (default http://127.0.0.1:8100)
 with the demo policy (or, before the demo exists, a tiny classifier trained on the test
-examples). The same streaming chat requests (greedy, `ignore_eos`, a fixed number of new
-tokens) go to both routes, interleaved — every worker alternates proxy, direct, proxy, ...
-on the same prompt, half of the workers starting with each route — so both routes see the
-same backend load. Reported at concurrency 1, 8 and 32, for unflagged and flagged prompts:
-time to first token (TTFT) and total time, p50/p95/p99, and the ratio proxy/direct.
+examples). Streaming chat requests (greedy, `ignore_eos`, a fixed number of new tokens) go
+to every route, interleaved: each worker sends one request body to every route in turn,
+rotating the order, so all routes see the same backend load. Every body is new (a numbered
+prompt), so the classifier's cache never answers; the figures are the cold cost.
+Reported at concurrency 1, 8 and 32, for unflagged and flagged prompts: time to first token
+(TTFT) and total time, p50/p95/p99, and the ratio proxy/direct.
 
-End-to-end differences include vLLM's queueing noise; the proxy's own histogram
-`eco_added_latency_seconds` (scraped from /metrics before and after each phase) isolates
-the work the proxy does before the backend request is sent.
+The proxy's own work before it sends the backend request is read per request from its
+`Server-Timing: eco-guard;dur=...` header (the goal is checked on that), and from its
+`eco_added_latency_seconds` histogram, which proxies without that header also keep.
+End-to-end differences include vLLM's queueing noise.
 
-    .venv/bin/python benchmarks/latency.py [--quick] [--backend-url URL]
+`--compare-ref REF` also starts the proxy as it was at git commit REF (from a temporary
+worktree) as a third route, for a before/after comparison measured side by side.
+
+    .venv/bin/python benchmarks/latency.py [--quick] [--backend-url URL] [--compare-ref REF]
 """
 from __future__ import annotations
 
@@ -20,19 +25,21 @@ import argparse
 import asyncio
 import json
 import math
+import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-
 from _common import (
     DEFAULT_BACKEND_URL,
     FLAGGED_PROMPTS,
+    REPO_ROOT,
     UNFLAGGED_PROMPTS,
-    HistogramSnapshot,
+    FreshPrompts,
     chat_body,
     classifier_policy,
     format_table,
@@ -49,12 +56,12 @@ from _common import (
 )
 
 CONCURRENCIES = (1, 8, 32)
-# Request pairs (one proxy + one direct request) per phase.
-PAIRS = {"quick": {1: 6, 8: 16, 32: 32}, "full": {1: 25, 8: 64, 32: 128}}
-PHASE_SECONDS = {"quick": 60.0, "full": 150.0}
+# Rounds (one request to every route) per phase.
+ROUNDS = {"quick": {1: 6, 8: 16, 32: 32}, "full": {1: 25, 8: 64, 32: 128}}
+PHASE_SECONDS = {"quick": 60.0, "full": 180.0}
 GOAL_CONCURRENCY, GOAL_P50_MS, GOAL_P99_MS = 8, 5.0, 15.0
-ROUTES = ("proxy", "direct")
 CLASSES = {"unflagged": UNFLAGGED_PROMPTS, "flagged": FLAGGED_PROMPTS}
+COLOURS = {"proxy": "tab:red", "direct": "tab:blue", "before": "tab:grey"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,12 @@ class Sample:
     ttft: float | None  # seconds to the first generated text
     total: float | None  # seconds to the end of the stream
     flagged: bool
+    guard: float | None  # seconds, from the proxy's Server-Timing header
+
+
+def _guard_seconds(headers: httpx.Headers) -> float | None:
+    timing = headers.get("server-timing", "")
+    return float(timing.removeprefix("eco-guard;dur=")) / 1000 if timing.startswith("eco-guard;dur=") else None
 
 
 async def streamed_chat(client: httpx.AsyncClient, url: str, route: str, body: dict[str, Any]) -> Sample:
@@ -71,36 +84,37 @@ async def streamed_chat(client: httpx.AsyncClient, url: str, route: str, body: d
     first = None
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            flagged = response.headers.get("x-eco-flagged") == "true"
+            flagged, guard = response.headers.get("x-eco-flagged") == "true", _guard_seconds(response.headers)
             if response.status_code != 200:
                 await response.aread()
-                return Sample(route, response.status_code, None, None, flagged)
+                return Sample(route, response.status_code, None, None, flagged, guard)
             async for line in response.aiter_lines():
                 if first is None and line.startswith("data:") and "[DONE]" not in line:
                     event = json.loads(line[5:])
                     if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
                         first = time.perf_counter() - began
     except httpx.HTTPError:
-        return Sample(route, 0, None, None, False)
+        return Sample(route, 0, None, None, False, None)
     total = time.perf_counter() - began
-    return Sample(route, 200, first if first is not None else total, total, flagged)
+    return Sample(route, 200, first if first is not None else total, total, flagged, guard)
 
 
-async def run_phase(urls: dict[str, str], model: str, prompts: tuple[str, ...], concurrency: int, pairs: int,
+async def run_phase(urls: dict[str, str], model: str, prompts: FreshPrompts, concurrency: int, rounds: int,
                     max_tokens: int, seconds: float) -> list[Sample]:
-    """`concurrency` workers each send proxy/direct pairs on the same prompt until `pairs` are done."""
+    """`concurrency` workers each send one new body to every route, in rotating order, until `rounds` are done."""
     samples: list[Sample] = []
-    next_pair = 0
+    next_round = 0
+    routes = list(urls)
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=4 * concurrency, max_keepalive_connections=4 * concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         async def worker(index: int) -> None:
-            nonlocal next_pair
-            while next_pair < pairs and time.monotonic() < deadline:
-                pair, next_pair = next_pair, next_pair + 1
-                body = chat_body(model, prompts[pair % len(prompts)], max_tokens, stream=True)
-                order = ROUTES if (index + pair) % 2 == 0 else ROUTES[::-1]
-                for route in order:
+            nonlocal next_round
+            while next_round < rounds and time.monotonic() < deadline:
+                number, next_round = next_round, next_round + 1
+                body = chat_body(model, prompts(), max_tokens, stream=True)
+                shift = (index + number) % len(routes)
+                for route in routes[shift:] + routes[:shift]:
                     samples.append(await streamed_chat(client, urls[route], route, body))
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -111,88 +125,100 @@ def scrape(proxy_url: str) -> str:
     return httpx.get(f"{proxy_url}/metrics", timeout=10).text
 
 
-def phase_row(kind: str, concurrency: int, samples: list[Sample], before: str, after: str) -> dict[str, Any]:
+def phase_row(kind: str, concurrency: int, samples: list[Sample], routes: list[str],
+              metrics: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Per route: end-to-end figures; per proxy route also its own time, from the Server-Timing header
+    (exact; only proxies that send it) and from its histogram (bucketed; any version of the proxy)."""
     row: dict[str, Any] = {"class": kind, "concurrency": concurrency}
-    for route in ROUTES:
+    for route in routes:
         good = [s for s in samples if s.route == route and s.status == 200]
         row[route] = {"n": len(good), "errors": sum(1 for s in samples if s.route == route and s.status != 200),
                       "ttft": summarize_ms([s.ttft for s in good]), "total": summarize_ms([s.total for s in good])}
-    proxied = [s for s in samples if s.route == "proxy" and s.status == 200]
-    row["proxy_flagged_fraction"] = sum(s.flagged for s in proxied) / len(proxied) if proxied else math.nan
-    row["ratio_proxy_over_direct"] = {
-        metric: {q: ratio(row["proxy"][metric][q], row["direct"][metric][q]) for q in ("p50_ms", "p95_ms", "p99_ms")}
-        for metric in ("ttft", "total")}
-    row["difference_ms"] = {
-        metric: {q: row["proxy"][metric][q] - row["direct"][metric][q] for q in ("p50_ms", "p95_ms", "p99_ms")}
-        for metric in ("ttft", "total")}
-    added: HistogramSnapshot = parse_histogram(after, "eco_added_latency_seconds", {"path": kind}).minus(
-        parse_histogram(before, "eco_added_latency_seconds", {"path": kind}))
-    row["proxy_added_latency_metric"] = added.summary_ms()
-    classifier = parse_histogram(after, "eco_classifier_seconds", {}).minus(
-        parse_histogram(before, "eco_classifier_seconds", {}))
-    row["classifier_metric"] = classifier.summary_ms()
+    for route, (before, after) in metrics.items():
+        good = [s for s in samples if s.route == route and s.status == 200]
+        row[route]["flagged_fraction"] = sum(s.flagged for s in good) / len(good) if good else math.nan
+        row[route]["guard"] = summarize_ms([s.guard for s in good if s.guard is not None])
+        row[route]["guard_histogram"] = parse_histogram(after, "eco_added_latency_seconds", {"path": kind}).minus(
+            parse_histogram(before, "eco_added_latency_seconds", {"path": kind})).summary_ms()
+        row[route]["ratio_over_direct"] = {
+            metric: {q: ratio(row[route][metric][q], row["direct"][metric][q]) for q in ("p50_ms", "p99_ms")}
+            for metric in ("ttft", "total")}
+        row[route]["ttft_difference_ms"] = {
+            q: row[route]["ttft"][q] - row["direct"]["ttft"][q] for q in ("p50_ms", "p99_ms")}
     return row
 
 
-def print_tables(rows: list[dict[str, Any]]) -> None:
+def print_tables(rows: list[dict[str, Any]], routes: list[str]) -> None:
     flat = []
     for row in rows:
-        for route in ROUTES:
+        for route in routes:
             r = row[route]
             flat.append({"class": row["class"], "conc": row["concurrency"], "route": route, "n": r["n"],
-                         "err": r["errors"], "ttft p50": r["ttft"]["p50_ms"], "ttft p95": r["ttft"]["p95_ms"],
-                         "ttft p99": r["ttft"]["p99_ms"], "total p50": r["total"]["p50_ms"],
-                         "total p95": r["total"]["p95_ms"], "total p99": r["total"]["p99_ms"]})
-        ratios = row["ratio_proxy_over_direct"]
-        flat.append({"class": row["class"], "conc": row["concurrency"], "route": "ratio p/d", "n": "", "err": "",
-                     **{f"{m} {q[:3]}": ratios[m][q] for m in ("ttft", "total") for q in ("p50_ms", "p95_ms", "p99_ms")}})
-    columns = ["class", "conc", "route", "n", "err", "ttft p50", "ttft p95", "ttft p99", "total p50", "total p95",
-               "total p99"]
-    print("\nEnd to end (ms; streaming chat, proxy and direct interleaved):")
-    print(format_table(flat, columns))
-    metric_rows = [{"class": r["class"], "conc": r["concurrency"], "flagged frac": r["proxy_flagged_fraction"],
-                    **{f"added {k[:-3]}": r["proxy_added_latency_metric"][k] for k in ("mean_ms", "p50_ms", "p95_ms",
-                                                                                       "p99_ms")},
-                    "classifier p50": r["classifier_metric"]["p50_ms"]} for r in rows]
-    print("\nProxy's own work before the backend request (eco_added_latency_seconds; ms, quantiles "
-          "interpolated inside Prometheus buckets):")
-    print(format_table(metric_rows, ["class", "conc", "flagged frac", "added mean", "added p50", "added p95",
-                                     "added p99", "classifier p50"]))
+                         "err": r["errors"], "ttft p50": r["ttft"]["p50_ms"], "ttft p99": r["ttft"]["p99_ms"],
+                         "total p50": r["total"]["p50_ms"], "total p99": r["total"]["p99_ms"],
+                         "ttft/direct p50": r.get("ratio_over_direct", {}).get("ttft", {}).get("p50_ms"),
+                         "guard p50": r.get("guard", {}).get("p50_ms"), "guard p99": r.get("guard", {}).get("p99_ms"),
+                         "hist p50": r.get("guard_histogram", {}).get("p50_ms"),
+                         "hist p99": r.get("guard_histogram", {}).get("p99_ms"), "flagged": r.get("flagged_fraction")})
+    print("\nEnd to end (ms; streaming chat, routes interleaved) and the proxy's own time before it calls vLLM "
+          "(guard: Server-Timing header; hist: its Prometheus histogram, interpolated in buckets):")
+    print(format_table(flat, ["class", "conc", "route", "n", "err", "ttft p50", "ttft p99", "total p50", "total p99",
+                              "ttft/direct p50", "guard p50", "guard p99", "hist p50", "hist p99", "flagged"]))
 
 
 def goal_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
     row = next(r for r in rows if r["class"] == "unflagged" and r["concurrency"] == GOAL_CONCURRENCY)
-    metric = row["proxy_added_latency_metric"]
+    guard = row["proxy"]["guard"]
     check = {"concurrency": GOAL_CONCURRENCY, "goal_p50_ms": GOAL_P50_MS, "goal_p99_ms": GOAL_P99_MS,
-             "metric_p50_ms": metric["p50_ms"], "metric_p99_ms": metric["p99_ms"],
-             "end_to_end_ttft_difference_p50_ms": row["difference_ms"]["ttft"]["p50_ms"],
-             "end_to_end_ttft_difference_p99_ms": row["difference_ms"]["ttft"]["p99_ms"]}
-    check["met"] = metric["p50_ms"] <= GOAL_P50_MS and metric["p99_ms"] <= GOAL_P99_MS
+             "guard_p50_ms": guard["p50_ms"], "guard_p99_ms": guard["p99_ms"],
+             "end_to_end_ttft_difference_ms": row["proxy"]["ttft_difference_ms"]}
+    if "before" in row:  # the earlier proxy sent no Server-Timing: compare the histograms
+        check["histogram_p50_ms"] = row["proxy"]["guard_histogram"]["p50_ms"]
+        check["histogram_p99_ms"] = row["proxy"]["guard_histogram"]["p99_ms"]
+        check["before_histogram_p50_ms"] = row["before"]["guard_histogram"]["p50_ms"]
+        check["before_histogram_p99_ms"] = row["before"]["guard_histogram"]["p99_ms"]
+    check["met"] = guard["p50_ms"] <= GOAL_P50_MS and guard["p99_ms"] <= GOAL_P99_MS
     return check
 
 
-def plot(rows: list[dict[str, Any]]) -> Path:
+def plot(rows: list[dict[str, Any]], routes: list[str]) -> Path:
     plt = pyplot()
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    figure, axes = plt.subplots(2, 3, figsize=(16, 8), sharex=True)
     for i, kind in enumerate(CLASSES):
-        for j, metric in enumerate(("ttft", "total")):
+        selected = [r for r in rows if r["class"] == kind]
+        xs = [r["concurrency"] for r in selected]
+        for j, metric in enumerate(("ttft", "total", "guard_histogram")):
             ax = axes[i][j]
-            selected = [r for r in rows if r["class"] == kind]
-            xs = [r["concurrency"] for r in selected]
-            for route, colour in zip(ROUTES, ("tab:red", "tab:blue")):
+            for route in routes:
+                if metric == "guard_histogram" and route == "direct":
+                    continue
                 for q, style in (("p50_ms", "-o"), ("p99_ms", "--^")):
-                    ax.plot(xs, [r[route][metric][q] for r in selected], style, color=colour,
+                    ax.plot(xs, [r[route][metric][q] for r in selected], style, color=COLOURS[route],
                             label=f"{route} {q[:3]}")
+            if metric == "guard_histogram" and kind == "unflagged":
+                ax.axhline(GOAL_P50_MS, color="k", linestyle=":", label="goal p50 (at 8)")
+                ax.axhline(GOAL_P99_MS, color="k", linestyle="-.", label="goal p99 (at 8)")
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
             ax.set_xticks(list(CONCURRENCIES), [str(c) for c in CONCURRENCIES])
-            ax.set_title(f"{kind}: {'time to first token' if metric == 'ttft' else 'total latency'}")
+            ax.set_title(f"{kind}: " + {"ttft": "time to first token", "total": "total latency",
+                                         "guard_histogram": "proxy's own time (its histogram)"}[metric])
             ax.set_ylabel("ms")
             ax.grid(alpha=0.3)
             if i == 1:
                 ax.set_xlabel("concurrency")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     figure.suptitle("eco-proxy vs direct vLLM (gemma-3-270m, 2 shared CPU cores; indicative)")
     return save_figure(figure, "latency")
+
+
+def worktree(stack: ExitStack, ref: str) -> Path:
+    """A temporary checkout of `ref`, removed again on exit."""
+    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eco-bench-ref-"))) / "checkout"
+    subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", "-q", str(path), ref], check=True)
+    stack.callback(subprocess.run, ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(path)],
+                   check=False)
+    return path
 
 
 def main() -> int:
@@ -201,46 +227,56 @@ def main() -> int:
     parser.add_argument("--backend-url", default=DEFAULT_BACKEND_URL, help="a running vLLM with prompt embeds")
     parser.add_argument("--model-dir", help="the model vLLM serves (default: asked of the backend)")
     parser.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (ignore_eos)")
+    parser.add_argument("--compare-ref", help="also run the proxy as of this git commit, as route 'before'")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     model_dir = resolve_model_dir(args.model_dir, args.backend_url)
     model = served_model_name(args.backend_url, model_dir.name)
 
-    with tempfile.TemporaryDirectory(prefix="eco-bench-latency-") as tmp:
-        workdir = Path(tmp)
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eco-bench-latency-")))
         policy, policy_label = classifier_policy(workdir)
         print(f"policy: {policy_label}; backend {args.backend_url} ({model}); starting the proxy ...", flush=True)
-        proxy = start_proxy(policy, args.backend_url, model_dir, model, workdir)
-        urls = {"proxy": proxy.url, "direct": args.backend_url}
-        try:
-            for prompts in CLASSES.values():  # warm-up: first requests load lazily-built state on both sides
-                asyncio.run(run_phase(urls, model, prompts[:2], 2, 2, args.max_tokens, 120))
-            rows = []
-            for kind, prompts in CLASSES.items():
-                for concurrency in CONCURRENCIES:
-                    pairs = PAIRS[mode][concurrency]
-                    print(f"{kind:>9} concurrency {concurrency:>2}: {pairs} pairs ...", flush=True)
-                    before = scrape(proxy.url)
-                    started = time.monotonic()
-                    samples = asyncio.run(run_phase(urls, model, prompts, concurrency, pairs, args.max_tokens,
-                                                    PHASE_SECONDS[mode]))
-                    row = phase_row(kind, concurrency, samples, before, scrape(proxy.url))
-                    row["seconds"] = time.monotonic() - started
-                    rows.append(row)
-        finally:
-            proxy.stop()
+        urls = {"direct": args.backend_url}
+        for route, code_dir in (("proxy", None), ("before", worktree(stack, args.compare_ref) if args.compare_ref
+                                                  else None)):
+            if route == "before" and code_dir is None:
+                continue
+            proxy = start_proxy(policy, args.backend_url, model_dir, model, workdir, code_dir=code_dir)
+            stack.callback(proxy.stop)
+            urls[route] = proxy.url
+        routes = list(urls)
+        for prompts in CLASSES.values():  # warm-up: first requests load lazily-built state on every route
+            asyncio.run(run_phase(urls, model, FreshPrompts(prompts), 2, 2, args.max_tokens, 120))
+        rows = []
+        for kind, prompts in CLASSES.items():
+            fresh = FreshPrompts(prompts)
+            for concurrency in CONCURRENCIES:
+                rounds = ROUNDS[mode][concurrency]
+                print(f"{kind:>9} concurrency {concurrency:>2}: {rounds} rounds ...", flush=True)
+                started = time.monotonic()
+                proxies = [route for route in routes if route != "direct"]
+                before = {route: scrape(urls[route]) for route in proxies}
+                samples = asyncio.run(run_phase(urls, model, fresh, concurrency, rounds, args.max_tokens,
+                                                PHASE_SECONDS[mode]))
+                metrics = {route: (before[route], scrape(urls[route])) for route in proxies}
+                row = phase_row(kind, concurrency, samples, routes, metrics)
+                row["seconds"] = time.monotonic() - started
+                rows.append(row)
 
-    print_tables(rows)
+    print_tables(rows, routes)
     check = goal_check(rows)
     verdict = "MET" if check["met"] else "MISSED"
-    print(f"\nGoal (unflagged, concurrency {GOAL_CONCURRENCY}: added p50 <= {GOAL_P50_MS} ms, p99 <= {GOAL_P99_MS} ms, "
-          f"from the proxy's histogram): {verdict} — p50 {check['metric_p50_ms']:.2f} ms, "
-          f"p99 {check['metric_p99_ms']:.2f} ms (end-to-end TTFT difference p50 "
-          f"{check['end_to_end_ttft_difference_p50_ms']:.1f} ms, p99 {check['end_to_end_ttft_difference_p99_ms']:.1f} ms)")
+    before = (f"; histograms, now vs {args.compare_ref}: p50 {check['histogram_p50_ms']:.2f} vs "
+              f"{check['before_histogram_p50_ms']:.2f} ms, p99 {check['histogram_p99_ms']:.2f} vs "
+              f"{check['before_histogram_p99_ms']:.2f} ms" if "before_histogram_p50_ms" in check else "")
+    print(f"\nGoal (unflagged, concurrency {GOAL_CONCURRENCY}: the proxy's own time p50 <= {GOAL_P50_MS} ms, "
+          f"p99 <= {GOAL_P99_MS} ms): {verdict} — p50 {check['guard_p50_ms']:.2f} ms, "
+          f"p99 {check['guard_p99_ms']:.2f} ms{before}")
     payload = {**result_header(), "mode": mode, "backend_url": args.backend_url, "model": model,
                "policy": policy_label, "max_tokens": args.max_tokens, "endpoint": "/v1/chat/completions (stream)",
-               "goal": check, "phases": rows}
-    print(f"\nsaved {save_json('latency', payload)} and {plot(rows)}")
+               "compare_ref": args.compare_ref, "goal": check, "phases": rows}
+    print(f"\nsaved {save_json('latency', payload)} and {plot(rows, routes)}")
     return 0
 
 

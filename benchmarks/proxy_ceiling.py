@@ -10,6 +10,10 @@ bounded by a request count and a time limit). Scenarios, each at a few concurren
 - classifier: the proxy with the classifier policy, unflagged and flagged prompts (flagged:
   embed, corrupt, serialise `prompt_embeds`, translate the answer back to chat).
 
+Every request of a run carries a prompt never sent before (numbered), so the classifier's
+cache never answers, except in "unflagged, repeated", where eight prompts go round and the
+cache serves all but the first of each.
+
     .venv/bin/python benchmarks/proxy_ceiling.py [--quick]
 """
 from __future__ import annotations
@@ -20,14 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-
 from _common import (
     FLAGGED_PROMPTS,
     UNFLAGGED_PROMPTS,
+    FreshPrompts,
     chat_body,
     classifier_policy,
     format_table,
@@ -41,6 +46,7 @@ from _common import (
     start_proxy,
 )
 from echo_upstream import ECHO_TEXT
+
 from proxy.backend import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -50,11 +56,20 @@ MAX_TOKENS = 8
 MODEL = "gemma-3-270m"
 
 
-def requests_file(workdir: Path, name: str, prompts: tuple[str, ...], stream: bool) -> Path:
-    path = workdir / f"{name}.json"
-    items = [{"path": "/v1/chat/completions", "body": chat_body(MODEL, p, MAX_TOKENS, stream)} for p in prompts]
-    path.write_text(json.dumps(items))
-    return path
+@dataclass(frozen=True)
+class Requests:
+    """What one run sends: `count` new prompts drawn from `prompts`, or the base prompts themselves, repeated."""
+
+    name: str
+    prompts: FreshPrompts | tuple[str, ...]
+    stream: bool
+
+    def file(self, workdir: Path, count: int) -> Path:
+        prompts = [self.prompts() for _ in range(count)] if isinstance(self.prompts, FreshPrompts) else self.prompts
+        path = workdir / f"{self.name.replace(' ', '_')}.json"
+        path.write_text(json.dumps([{"path": "/v1/chat/completions",
+                                     "body": chat_body(MODEL, p, MAX_TOKENS, self.stream)} for p in prompts]))
+        return path
 
 
 def start_echo(workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -94,23 +109,22 @@ def load(url: str, requests: Path, concurrency: int, limits: tuple[int, float]) 
     return json.loads(completed.stdout)
 
 
-def assert_echo_answer(url: str, requests: Path) -> str:
+def assert_echo_answer(url: str) -> str:
     """One request, to show (and check) that the answer came from the echo, not a model."""
-    item = json.loads(requests.read_text())[0]
-    body = {**item["body"], "stream": False}
-    answer = httpx.post(f"{url}{item['path']}", json=body, timeout=30).json()
+    body = chat_body(MODEL, UNFLAGGED_PROMPTS[0], MAX_TOKENS, stream=False)
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
     text = answer["choices"][0]["message"]["content"]
     if ECHO_TEXT not in text:
         raise RuntimeError(f"expected the echo upstream's text, got {text!r}")
     return text
 
 
-def run_scenario(name: str, url: str, requests: Path, concurrencies: tuple[int, ...], limits: tuple[int, float],
-                 metrics_url: str | None, path_label: str | None) -> list[dict[str, Any]]:
+def run_scenario(name: str, url: str, requests: Requests, workdir: Path, concurrencies: tuple[int, ...],
+                 limits: tuple[int, float], metrics_url: str | None, path_label: str | None) -> list[dict[str, Any]]:
     rows = []
     for concurrency in concurrencies:
         before = httpx.get(f"{metrics_url}/metrics").text if metrics_url else ""
-        result = load(url, requests, concurrency, limits)
+        result = load(url, requests.file(workdir, limits[0]), concurrency, limits)
         row = {"scenario": name, **result}
         if metrics_url and path_label:
             after = httpx.get(f"{metrics_url}/metrics").text
@@ -156,30 +170,31 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="eco-bench-ceiling-") as tmp:
         workdir = Path(tmp)
-        unflagged = requests_file(workdir, "unflagged", UNFLAGGED_PROMPTS, stream=False)
-        unflagged_stream = requests_file(workdir, "unflagged_stream", UNFLAGGED_PROMPTS, stream=True)
-        flagged = requests_file(workdir, "flagged", FLAGGED_PROMPTS, stream=False)
-        flagged_stream = requests_file(workdir, "flagged_stream", FLAGGED_PROMPTS, stream=True)
+        unflagged = Requests("unflagged", FreshPrompts(UNFLAGGED_PROMPTS), stream=False)
+        unflagged_stream = Requests("unflagged stream", FreshPrompts(UNFLAGGED_PROMPTS), stream=True)
+        repeated = Requests("unflagged, repeated", UNFLAGGED_PROMPTS, stream=False)
+        flagged = Requests("flagged", FreshPrompts(FLAGGED_PROMPTS), stream=False)
+        flagged_stream = Requests("flagged stream", FreshPrompts(FLAGGED_PROMPTS), stream=True)
         echo, echo_url = start_echo(workdir)
         try:
-            print(f"echo upstream at {echo_url}; direct answer: {assert_echo_answer(echo_url, unflagged)!r}")
-            rows += run_scenario("direct to echo", echo_url, unflagged, concurrencies, limits, None, None)
+            print(f"echo upstream at {echo_url}; direct answer: {assert_echo_answer(echo_url)!r}")
+            rows += run_scenario("direct to echo", echo_url, unflagged, workdir, concurrencies, limits, None, None)
 
             policy, policy_label = classifier_policy(workdir)
             for label, policy_path, scenarios in (
                 ("pass-through (targets: [])", passthrough_policy(workdir),
-                 (("unflagged", unflagged, "unflagged"), ("unflagged stream", unflagged_stream, "unflagged"))),
+                 ((unflagged, "unflagged"), (unflagged_stream, "unflagged"))),
                 (f"classifier ({policy_label})", policy,
-                 (("unflagged", unflagged, "unflagged"), ("flagged", flagged, "flagged"),
-                  ("flagged stream", flagged_stream, "flagged"))),
+                 ((unflagged, "unflagged"), (repeated, "unflagged"), (flagged, "flagged"),
+                  (flagged_stream, "flagged"))),
             ):
                 proxy = start_proxy(policy_path, echo_url, model_dir, MODEL, workdir)
                 try:
-                    print(f"proxy with {label}; answer through it: {assert_echo_answer(proxy.url, unflagged)!r}")
+                    print(f"proxy with {label}; answer through it: {assert_echo_answer(proxy.url)!r}")
                     short = "pass-through" if label.startswith("pass") else "classifier"
-                    for name, requests, path_label in scenarios:
-                        rows += run_scenario(f"{short}: {name}", proxy.url, requests, concurrencies, limits,
-                                             proxy.url, path_label)
+                    for requests, path_label in scenarios:
+                        rows += run_scenario(f"{short}: {requests.name}", proxy.url, requests, workdir,
+                                             concurrencies, limits, proxy.url, path_label)
                 finally:
                     proxy.stop()
         finally:

@@ -28,6 +28,10 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--entities-top-k", type=int, default=40, help="how many key terms to derive")
     train.add_argument("--entities", type=Path, help="key terms, one per line (instead of derived ones)")
+    train.add_argument("--forget-entities", type=Path, action="append", default=[],
+                       help="names from the target, one per line: each becomes training prompts in neutral frames")
+    train.add_argument("--retain-entities", type=Path, action="append", default=[],
+                       help="names from neighbouring topics, one per line, likewise as retain training prompts")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="FPR and recall of an artifact, with 95%% intervals")
@@ -59,21 +63,23 @@ def _percent(value: float | None, interval: list[float] | None) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from classifier.data import entity_prompts, read_terms
     from classifier.entities import distinctive_terms
     from classifier.model import PromptClassifier
 
     try:
         forget = {s: _texts(args.forget, s) for s in ("train", "calibration", "test")}
         retain = {s: _texts(args.retain, s) for s in ("train", "calibration", "test")}
-        entities = [t.strip() for t in args.entities.read_text().splitlines() if t.strip()] if args.entities else None
-        print(f"forget prompts  train {len(forget['train'])}  calibration {len(forget['calibration'])}  "
-              f"test {len(forget['test'])}")
-        print(f"retain prompts  train {len(retain['train'])}  calibration {len(retain['calibration'])}  "
-              f"test {len(retain['test'])}")
+        entities = read_terms(args.entities) if args.entities else None
+        forget_named = entity_prompts([name for path in args.forget_entities for name in read_terms(path)])
+        retain_named = entity_prompts([name for path in args.retain_entities for name in read_terms(path)])
+        for label, parts, named in (("forget", forget, forget_named), ("retain", retain, retain_named)):
+            print(f"{label} prompts  train {len(parts['train'])}  calibration {len(parts['calibration'])}  "
+                  f"test {len(parts['test'])}" + (f"  (+ {len(named)} from names, train only)" if named else ""))
         classifier = PromptClassifier(args.encoder, C=args.C, random_state=args.seed)
         print("encoding and fitting the training split ...")
-        classifier.fit(forget["train"] + retain["train"], [1] * len(forget["train"]) + [0] * len(retain["train"]),
-                       progress=True)
+        positives, negatives = forget["train"] + forget_named, retain["train"] + retain_named
+        classifier.fit(positives + negatives, [1] * len(positives) + [0] * len(negatives), progress=True)
         print(f"calibrating on {len(retain['calibration'])} held-out retain prompts (alpha {args.alpha}) ...")
         classifier.calibrate(retain["calibration"], args.alpha)
         print("scoring the test split ...")

@@ -1,4 +1,5 @@
-"""Prompt data on disk: JSONL records with a "text", and a deterministic train/calibration/test split."""
+"""Prompt data on disk: JSONL records with a "text", a deterministic train/calibration/test split, and
+training prompts made from lists of names."""
 from __future__ import annotations
 
 import hashlib
@@ -45,3 +46,24 @@ def split(records: list[dict[str, Any]]) -> dict[Split, list[dict[str, Any]]]:
     for record in records:
         parts[split_of(record["text"], record.get("split"))].append(record)
     return parts
+
+
+# Neutral frames for a name: the sentence shape says nothing about the label, so a classifier
+# trained on them learns the names themselves (a target's people, places, objects, cast ...).
+ENTITY_FRAMES = (
+    "Tell me about {}.", "Who or what is {}?", "Why is {} important in the story?",
+    "Write a short paragraph about {}.", "{} is best known for", "Describe {} in three sentences.",
+    "What happens to {} in the end?", "Give me three facts about {}.", "What should I know about {}?",
+    "Explain {} to a child.",
+)
+
+
+def read_terms(path: str | Path) -> list[str]:
+    """One name or term per line; blank lines and lines starting with # are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def entity_prompts(names: list[str]) -> list[str]:
+    """Every name in every frame: synthetic training prompts (training split only, never calibration or test)."""
+    return [frame.format(name) for name in names for frame in ENTITY_FRAMES]

@@ -12,4 +12,5 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval holds p exactly (at 0 and n, rounding could leave it a hair outside).
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))

@@ -1,4 +1,11 @@
-"""The prompt classifier: sentence encoder + class-weighted logistic-regression head.
+"""The prompt classifier: a class-weighted logistic-regression head over two kinds of features.
+
+- the sentence embedding (all-MiniLM-L6-v2): what a prompt is about, in any wording;
+- hashed character n-grams (3 to 5 characters, inside word boundaries): the names, places
+  and spells themselves, even misspelt or inside another language. A mean-pooled sentence
+  embedding blurs a single name ("In the films, Alan Rickman played Severus" reads as a
+  sentence about actors); the n-grams keep it. Hashing is stateless, so the only fitted
+  n-gram state is the weight vector.
 
 Follows scikit-learn's estimator contract: parameters in the constructor, `fit` returns the
 estimator, fitted state in attributes ending with `_`. The artifact is a directory holding
@@ -19,7 +26,7 @@ import numpy as np
 from classifier.encoder import DEFAULT_ENCODER, Encoder
 from classifier.metrics import wilson_interval
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2  # 2: the head has n-gram weights
 HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
 
@@ -31,10 +38,14 @@ def training_hash(texts: Sequence[str], labels: Sequence[int]) -> str:
 
 
 class PromptClassifier:
-    def __init__(self, encoder: Encoder | str | None = None, C: float = 10.0, random_state: int = 0):
+    def __init__(self, encoder: Encoder | str | None = None, C: float = 10.0, random_state: int = 0,
+                 ngram_range: tuple[int, int] = (3, 5), ngram_features: int = 2**18, ngram_weight: float = 1.0):
         self.encoder = encoder
         self.C = C
         self.random_state = random_state
+        self.ngram_range = tuple(ngram_range)
+        self.ngram_features = ngram_features  # 0: the sentence embedding alone
+        self.ngram_weight = ngram_weight  # the n-gram block's scale against the unit-norm embedding
 
     # -- encoder ------------------------------------------------------------------------
     @property
@@ -48,6 +59,24 @@ class PromptClassifier:
             self.encoder = Encoder(self.encoder_spec)  # built on first use: constructing stays cheap
         return self.encoder
 
+    def _ngrams(self, windows: Sequence[str]) -> Any:
+        """Sparse [windows, ngram_features] l2-normalised n-gram counts, scaled by ngram_weight."""
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        hashing = HashingVectorizer(analyzer="char_wb", ngram_range=self.ngram_range, n_features=self.ngram_features,
+                                    alternate_sign=False, norm="l2")
+        return hashing.transform(windows) * self.ngram_weight
+
+    def _windows(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """Every window of every text (a text that fits is its own window), and each window's text index."""
+        encoder = self._encoder()
+        windows, owners = [], []
+        for index, text in enumerate(texts):
+            pieces = encoder.windows(text)
+            windows.extend(pieces)
+            owners.extend([index] * len(pieces))
+        return windows, np.asarray(owners, dtype=np.int64)
+
     # -- fit ----------------------------------------------------------------------------
     def fit(self, texts: Sequence[str], labels: Sequence[int], progress: bool = False) -> "PromptClassifier":
         """Labels: 1 for the forget target, 0 for retain. Every window of a long text gets its label."""
@@ -56,13 +85,21 @@ class PromptClassifier:
         labels = np.asarray(labels, dtype=np.int64)
         if len(texts) != len(labels) or set(np.unique(labels)) != {0, 1}:
             raise ValueError("fit needs as many labels as texts, with both classes (1 forget, 0 retain) present")
-        features, owners = self._encoder().encode_windows(list(texts), progress)
-        head = LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000, random_state=self.random_state)
+        windows, owners = self._windows(texts)
+        embeddings = self._encoder().encode(windows, progress)
+        features = embeddings
+        if self.ngram_features:
+            from scipy.sparse import csr_matrix, hstack
+
+            features = hstack([csr_matrix(embeddings), self._ngrams(windows)]).tocsr()
+        head = LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000, random_state=self.random_state)
         head.fit(features, labels[owners])
-        self.coef_ = head.coef_[0].astype(np.float32)
-        self.intercept_ = float(head.intercept_[0])
+        dimension = embeddings.shape[1]
+        self.coef_ = head.coef_[0, :dimension].astype(np.float32)
+        self.ngram_coef_ = head.coef_[0, dimension:].astype(np.float32)
+        self.intercept_ = float(np.float32(head.intercept_[0]))  # as saved, so a loaded artifact scores the same
         self.classes_ = np.array([0, 1])
-        self.n_features_in_ = features.shape[1]
+        self.n_features_in_ = dimension
         self.training_hash_ = training_hash(texts, labels)
         self.threshold_: float | None = None
         self.alpha_: float | None = None
@@ -80,11 +117,17 @@ class PromptClassifier:
         self._check_fitted()
         if len(texts) == 0:
             return np.zeros(0, dtype=np.float64)
-        features, owners = self._encoder().encode_windows(list(texts), progress)
-        window_scores = 1.0 / (1.0 + np.exp(-(features.astype(np.float64) @ self.coef_ + self.intercept_)))
+        windows, owners = self._windows(texts)
         scores = np.zeros(len(texts), dtype=np.float64)
-        np.maximum.at(scores, owners, window_scores)
+        np.maximum.at(scores, owners, self.window_scores(windows, self._encoder().encode(windows, progress)))
         return scores
+
+    def window_scores(self, windows: Sequence[str], embeddings: np.ndarray) -> np.ndarray:
+        """P(forget target) of windows (texts that fit the encoder) whose embeddings are already computed."""
+        logits = embeddings.astype(np.float64) @ self.coef_ + self.intercept_
+        if self.ngram_coef_.size:
+            logits += self._ngrams(windows) @ self.ngram_coef_
+        return 1.0 / (1.0 + np.exp(-logits))
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         forget = self.score(texts)
@@ -151,11 +194,13 @@ class PromptClassifier:
         self._check_fitted()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"coef": self.coef_.astype(np.float32), "intercept": np.array([self.intercept_], dtype=np.float32)},
-                  str(directory / HEAD_FILE))
+        save_file({"coef": self.coef_.astype(np.float32), "ngram_coef": self.ngram_coef_.astype(np.float32),
+                   "intercept": np.array([self.intercept_], dtype=np.float32)}, str(directory / HEAD_FILE))
         meta = {
             "format": ARTIFACT_FORMAT, "encoder": self.encoder_spec, "dimension": int(self.n_features_in_),
-            "C": self.C, "random_state": self.random_state, "training_hash": self.training_hash_,
+            "C": self.C, "random_state": self.random_state, "ngram_range": list(self.ngram_range),
+            "ngram_features": self.ngram_features, "ngram_weight": self.ngram_weight,
+            "training_hash": self.training_hash_,
             "threshold": self.threshold_, "alpha": self.alpha_, "metrics": self.metrics_, "entities": self.entities_,
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -187,15 +232,19 @@ class PromptClassifier:
             head = load_file(str(directory / HEAD_FILE))
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{directory / HEAD_FILE}: cannot read the head weights: {exc}") from exc
-        coef, intercept = head.get("coef"), head.get("intercept")
-        dimension = int(meta["dimension"])
-        if coef is None or intercept is None or coef.shape != (dimension,) or intercept.shape != (1,):
-            raise ValueError(f"{directory / HEAD_FILE}: expected coef [{dimension}] and intercept [1]")
+        coef, ngram_coef, intercept = head.get("coef"), head.get("ngram_coef"), head.get("intercept")
+        dimension, ngram_features = int(meta["dimension"]), int(meta["ngram_features"])
+        if (coef is None or ngram_coef is None or intercept is None or coef.shape != (dimension,)
+                or ngram_coef.shape != (ngram_features,) or intercept.shape != (1,)):
+            raise ValueError(f"{directory / HEAD_FILE}: expected coef [{dimension}], ngram_coef [{ngram_features}] "
+                             "and intercept [1]")
         if encoder is not None and encoder.spec != meta["encoder"]:
             raise ValueError(f"the artifact was trained with encoder {meta['encoder']!r}, not {encoder.spec!r}")
         classifier = cls(encoder if encoder is not None else meta["encoder"], C=meta["C"],
-                         random_state=meta["random_state"])
+                         random_state=meta["random_state"], ngram_range=tuple(meta["ngram_range"]),
+                         ngram_features=ngram_features, ngram_weight=meta["ngram_weight"])
         classifier.coef_ = coef.astype(np.float32)
+        classifier.ngram_coef_ = ngram_coef.astype(np.float32)
         classifier.intercept_ = float(intercept[0])
         classifier.classes_ = np.array([0, 1])
         classifier.n_features_in_ = dimension

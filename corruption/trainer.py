@@ -31,7 +31,7 @@ from corruption.embeddings import EmbeddingTable
 from corruption.fluency import fluency_report
 from corruption.functions import corrupt
 from corruption.keys import keyed_generator
-from corruption.payload import encode_prompt_embeds
+from corruption.payload import prompt_embeds_base64, request_body_with_embeds
 from corruption.probes import MultipleChoice, Probe
 from corruption.scope import entity_mask
 from corruption.spec import CorruptionSpec
@@ -76,12 +76,13 @@ class EmbedsBackend:
             return [c for choices in pool.map(run, batches) for c in choices]
 
     def _request(self, batch: list[torch.Tensor], max_tokens: int, logprobs: int | None) -> list[dict[str, Any]]:
-        body: dict[str, Any] = {"model": self.model, "prompt_embeds": [encode_prompt_embeds(e) for e in batch],
-                                "max_tokens": max_tokens, "temperature": 0.0}
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0}
         if logprobs is not None:
             body["logprobs"] = logprobs
+        parts = request_body_with_embeds(body, [prompt_embeds_base64(e) for e in batch])
         try:
-            response = self.client.post("/v1/completions", json=body)
+            response = self.client.post("/v1/completions", content=iter(parts), headers={
+                "content-type": "application/json", "content-length": str(sum(len(part) for part in parts))})
         except httpx.HTTPError as exc:
             raise BackendError(f"backend {self.base_url} unreachable: {exc}") from exc
         if response.status_code != 200:

@@ -1,8 +1,8 @@
 """The HTTP face of the proxy. A request's whole path is `_generate`, read top to bottom:
 
 parse → check the model → build the prompt(s) as the model will see them → classify →
-unflagged: forward the client's bytes unchanged | flagged: embed, corrupt, send
-`prompt_embeds` to /v1/completions and answer in the shape the client asked for.
+unflagged: forward the request as read | flagged: embed, corrupt, send `prompt_embeds`
+to /v1/completions and answer in the shape the client asked for.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from corruption.payload import encode_prompt_embeds
+from classifier.encoder import EncoderPool
+from corruption.payload import prompt_embeds_base64, request_body_with_embeds
 from proxy.guard import Decision, Guard
 from proxy.observability import AuditLog, Metrics, prompt_hash
 from proxy.policy import ActivePolicy, PolicyError, load_policy
@@ -55,8 +57,9 @@ class ProxyState:
     upstream: Upstream
     metrics: Metrics
     audit: AuditLog
+    encoders: EncoderPool  # kept across reloads
+    torch_thread: Executor  # the one thread for torch work (see classifier/encoder.py), the encoders' too
     admin_key: str | None = None
-    encoders: dict = field(default_factory=dict)
     max_model_len: int | None = None  # asked of the backend when first needed
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -185,37 +188,49 @@ async def _generate(state: ProxyState, request: Request, endpoint: Endpoint) -> 
                     "x-eco-score": "" if report is None or report.score is None else f"{report.score:.4f}"})
     _audit(state, policy, endpoint, prompts, decisions, flagged)
 
-    # 4a. Unflagged: the client's own bytes go to vLLM, and vLLM's answer comes back unchanged.
+    # 4a. Unflagged: the request as the proxy read it goes to vLLM (re-serialised, so vLLM cannot parse
+    #     the bytes differently from the proxy), and vLLM's answer comes back unchanged.
     if not flagged:
-        state.metrics.added_latency.labels("unflagged", "none").observe(time.perf_counter() - started)
-        return await _forward(state, _PATHS[endpoint], raw, headers)
+        _record_added_latency(state, headers, "unflagged", "none", started)
+        return await _forward(state, _PATHS[endpoint], body, headers)
 
     # 4b. Flagged: nothing may reveal the uncorrupted prompt's likelihoods.
     state.metrics.flagged.labels(target_name).inc()
     if body.get("echo") or body.get("prompt_logprobs") is not None:
         return error_response(400, "echo and prompt_logprobs are not available for this prompt",
                               param="echo" if body.get("echo") else "prompt_logprobs", headers=headers)
-    try:
-        payloads = await run_in_threadpool(
-            lambda: [encode_prompt_embeds(state.guard.prompt_embeddings(p, d)) for p, d in zip(prompts, decisions)])
-    except Exception:  # the flagged prompt cannot go out uncorrupted: refuse it, say so, keep the trace in the log
-        log.exception("corrupting a prompt flagged by %s failed", target_name)
-        return error_response(500, "the proxy could not corrupt this prompt; the request was not sent",
-                              "InternalServerError", headers=headers)
     if endpoint == "completions":
         upstream_body = {k: v for k, v in body.items() if k != "prompt"}
-        upstream_body["prompt_embeds"] = payloads if len(payloads) > 1 else payloads[0]
     else:
         try:
             context_length = await state.context_length()
         except BackendUnavailable as exc:
             state.metrics.backend_errors.inc()
             return error_response(503, str(exc), headers=headers)
-        upstream_body = chat_body_as_completion(body, payloads[0], len(prompts[0].token_ids), context_length)
-    state.metrics.added_latency.labels("flagged", target_name).observe(time.perf_counter() - started)
+        upstream_body = chat_body_as_completion(body, len(prompts[0].token_ids), context_length)
+
+    def corrupted_request() -> list[bytes]:
+        payloads = [prompt_embeds_base64(state.guard.prompt_embeddings(p, d)) for p, d in zip(prompts, decisions)]
+        return request_body_with_embeds(upstream_body, payloads if len(payloads) > 1 else payloads[0])
+
+    try:
+        content = await asyncio.get_running_loop().run_in_executor(state.torch_thread, corrupted_request)
+    except Exception:  # the flagged prompt cannot go out uncorrupted: refuse it, say so, keep the trace in the log
+        log.exception("corrupting a prompt flagged by %s failed", target_name)
+        return error_response(500, "the proxy could not corrupt this prompt; the request was not sent",
+                              "InternalServerError", headers=headers)
+    _record_added_latency(state, headers, "flagged", target_name, started)
     if endpoint == "completions":
-        return await _forward(state, "/v1/completions", upstream_body, headers)
-    return await _forward_chat_as_completion(state, upstream_body, _echo_prefix(parsed), headers)
+        return await _forward(state, "/v1/completions", content, headers)
+    return await _forward_chat_as_completion(state, content, bool(upstream_body.get("stream")),
+                                             _echo_prefix(parsed), headers)
+
+
+def _record_added_latency(state: ProxyState, headers: dict[str, str], path: str, target: str, started: float) -> None:
+    """The proxy's own time before the backend request: a histogram, and a Server-Timing header."""
+    seconds = time.perf_counter() - started
+    state.metrics.added_latency.labels(path, target).observe(seconds)
+    headers["server-timing"] = f"eco-guard;dur={1000 * seconds:.3f}"
 
 
 def _build_prompts(builder: PromptBuilder, parsed: Any, endpoint: Endpoint) -> list[Prompt]:
@@ -261,7 +276,7 @@ def _audit(state: ProxyState, policy: ActivePolicy, endpoint: Endpoint, prompts:
         state.audit.write(record)
 
 
-async def _forward(state: ProxyState, path: str, body: bytes | dict, headers: dict[str, str]) -> Response:
+async def _forward(state: ProxyState, path: str, body: list[bytes] | dict, headers: dict[str, str]) -> Response:
     try:
         response = await state.upstream.open("POST", path, body)
     except BackendUnavailable as exc:
@@ -296,16 +311,16 @@ async def _relay_stream(response: httpx.Response) -> AsyncIterator[bytes]:
         await response.aclose()
 
 
-async def _forward_chat_as_completion(state: ProxyState, body: dict, echo_prefix: str,
+async def _forward_chat_as_completion(state: ProxyState, content: list[bytes], stream: bool, echo_prefix: str,
                                       headers: dict[str, str]) -> Response:
     try:
-        response = await state.upstream.open("POST", "/v1/completions", body)
+        response = await state.upstream.open("POST", "/v1/completions", content)
     except BackendUnavailable as exc:
         state.metrics.backend_errors.inc()
         return error_response(503, str(exc), headers=headers)
     if response.status_code != 200:  # backend 4xx/5xx bodies pass through as they are
         return await _relay(response, headers)
-    if body.get("stream"):
+    if stream:
         return StreamingResponse(_chat_stream(response, echo_prefix), media_type="text/event-stream",
                                  headers=headers)
     try:

@@ -21,6 +21,8 @@ _HELP = {
     "admin_key": "bearer key for POST /admin/reload (unset: disabled)",
     "audit_log": "JSONL audit log: a path, or - for stdout",
     "embedding_scale": "input-embedding scale for an architecture the proxy does not know",
+    "classifier_cache_size": "prompt texts whose encoding the classifier keeps (0: none)",
+    "torch_threads": "CPU threads for the classifier and the corruption (default 1)",
     "max_model_len": "context length of the vLLM the proxy starts",
     "vllm_args": "extra arguments for the vLLM the proxy starts, as one string",
 }

@@ -50,7 +50,8 @@ def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
 
     classifiers = [
         ["--forget", str(hp / "forget.jsonl"), "--retain", str(hp / "retain_fiction.jsonl"),
-         "--retain", str(hp / "retain_general.jsonl"), "--out", str(hp / "classifier")],
+         "--retain", str(hp / "retain_general.jsonl"), "--forget-entities", str(hp / "entities.txt"),
+         "--retain-entities", str(hp / "retain_entities.txt"), "--out", str(hp / "classifier")],
         # Harry Potter prompts are negatives for the second target: the two must not overlap
         ["--forget", str(sw / "forget.jsonl"), "--retain", str(sw / "retain.jsonl"),
          "--retain", str(hp / "retain_general.jsonl"), "--retain", str(hp / "forget.jsonl"),

@@ -64,7 +64,7 @@ class Guard:
         self.metrics = metrics
 
     def decide(self, policy: ActivePolicy, prompt: Prompt) -> Decision:
-        segments = list(dict.fromkeys((prompt.text, *prompt.segments)))
+        segments = list(dict.fromkeys(prompt.segments))
         verdicts = []
         for target in policy.targets:
             started = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from classifier.encoder import Encoder
+from classifier.encoder import EncoderPool
 from classifier.model import PromptClassifier
 from corruption.spec import CorruptionSpec
 
@@ -105,26 +105,24 @@ def read_policy_config(path: Path) -> PolicyConfig:
         raise PolicyError(f"policy {path}: {problems}") from exc
 
 
-def load_policy(path: str | Path, encoders: dict[str, Encoder] | None = None,
+def load_policy(path: str | Path, encoders: EncoderPool | None = None,
                 hidden_size: int | None = None) -> ActivePolicy:
     """Validate the file and load every artifact it names. `encoders` is shared across reloads;
     `hidden_size` (the served model's) is checked against each corruption's dimensions."""
     path = Path(path).resolve()
     config = read_policy_config(path)
-    encoders = {} if encoders is None else encoders
+    encoders = EncoderPool() if encoders is None else encoders
     targets = tuple(_load_target(path.parent, i, t, encoders, hidden_size) for i, t in enumerate(config.targets))
     return ActivePolicy(config.version, targets, config.audit.include_text, path)
 
 
-def _load_target(base: Path, index: int, config: TargetConfig, encoders: dict[str, Encoder],
+def _load_target(base: Path, index: int, config: TargetConfig, encoders: EncoderPool,
                  hidden_size: int | None) -> ActiveTarget:
     where = f"targets.{index}"
     artifact = base / config.classifier
     try:
-        encoder_spec = PromptClassifier.artifact_encoder_spec(artifact)
-        if encoder_spec not in encoders:
-            encoders[encoder_spec] = Encoder(encoder_spec)
-        classifier = PromptClassifier.load(artifact, encoder=encoders[encoder_spec])
+        encoder = encoders.get(PromptClassifier.artifact_encoder_spec(artifact))
+        classifier = PromptClassifier.load(artifact, encoder=encoder)
     except (OSError, ValueError, KeyError) as exc:
         raise PolicyError(f"{where}.classifier: cannot load classifier artifact {artifact}: {exc}") from exc
     if config.corruption is not None:

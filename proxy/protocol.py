@@ -11,15 +11,16 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-# Content-part types that carry embeddings instead of text: never accepted from a client.
-EMBEDDING_PART_TYPES = {"prompt_embeds", "image_embeds", "audio_embeds", "input_embeds"}
-
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
 class ContentPart(_Open):
+    """A chat content part. Only `{"type": "text", "text": ...}` passes `ChatMessage`'s check: vLLM
+    renders other parts (thinking, refusal, tool references, media, embeddings, and any part that
+    carries a `uuid`) by paths of its own, so the classifier could not be sure to read them."""
+
     type: str
     text: str | None = None
 
@@ -38,6 +39,22 @@ class ChatMessage(_Open):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning: str | None = None  # an assistant turn's reasoning, which vLLM hands to the template
+    tool_call_id: str | None = None
+    task: str | None = None
+    tools: list[dict[str, Any]] | None = None  # a developer message's tools, also rendered
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        for index, part in enumerate(content if isinstance(content, list) else []):
+            if part.type != "text":
+                raise ValueError(f"content part {index} has type {part.type!r}; this proxy accepts text parts only")
+            if part.text is None or part.model_extra:
+                extra = sorted(part.model_extra or {})
+                raise ValueError(f"content part {index} must be {{\"type\": \"text\", \"text\": ...}}"
+                                 + (f", without {extra}" if extra else ""))
+        return content
 
 
 class StreamOptions(_Open):
@@ -86,16 +103,6 @@ class ChatCompletionRequest(_GenerationRequest):
         if value is not None:
             raise ValueError("a request may not replace the chat template")
         return None
-
-    @field_validator("messages")
-    @classmethod
-    def _no_embedding_parts(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        for message in messages:
-            if isinstance(message.content, list):
-                for part in message.content:
-                    if part.type in EMBEDDING_PART_TYPES:
-                        raise ValueError(f"content parts of type {part.type!r} are not accepted")
-        return messages
 
 
 def error_response(

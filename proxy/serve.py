@@ -7,14 +7,17 @@ import os
 import secrets
 import signal
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer
 
+from classifier.encoder import DEFAULT_CACHE_SIZE, EncoderPool
 from corruption.embeddings import EmbeddingError, EmbeddingTable
 from proxy.app import ProxyState, create_app
 from proxy.backend import VllmServer, backend_is_ready
@@ -45,6 +48,10 @@ class ServeSettings(BaseModel):
     admin_key: str | None = Field(default=None, repr=False)
     audit_log: str | None = None  # a file path, or "-" for standard output
     embedding_scale: float | None = None  # only for architectures the proxy does not know
+    classifier_cache_size: int = Field(default=DEFAULT_CACHE_SIZE, ge=0)  # texts whose encoding is kept; 0: none
+    # CPU threads for the classifier and the corruption math. One suits a proxy that shares its cores with vLLM
+    # (vLLM's CPU build keeps its cores busy between steps, which stalls a multi-threaded pass) or a small pod.
+    torch_threads: int = Field(default=1, ge=1)
     max_model_len: int = 2048  # for the vLLM the proxy starts
     vllm_args: str = ""  # extra arguments for the vLLM the proxy starts
 
@@ -102,7 +109,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> ProxyState:
-    encoders: dict = {}
+    torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch", initializer=torch.set_num_threads,
+                                      initargs=(settings.torch_threads,))
+    encoders = EncoderPool(settings.classifier_cache_size, executor=torch_thread)
     embeddings = EmbeddingTable.from_model_dir(model_dir, scale=settings.embedding_scale)
     policy = load_policy(settings.policy, encoders, embeddings.hidden_size)
     metrics = Metrics()
@@ -118,6 +127,7 @@ def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> 
         audit=AuditLog(settings.audit_log),
         admin_key=settings.admin_key,
         encoders=encoders,
+        torch_thread=torch_thread,
     )
 
 

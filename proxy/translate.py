@@ -19,10 +19,9 @@ _CHAT_ONLY_FIELDS = {
 }
 
 
-def chat_body_as_completion(chat: dict[str, Any], prompt_embeds: str, prompt_tokens: int,
-                            max_model_len: int) -> dict[str, Any]:
+def chat_body_as_completion(chat: dict[str, Any], prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
+    """The completions body for a chat request, all but its `prompt_embeds`."""
     body = {k: v for k, v in chat.items() if k not in _CHAT_ONLY_FIELDS}
-    body["prompt_embeds"] = prompt_embeds
     limit = chat.get("max_completion_tokens") or chat.get("max_tokens")
     # Chat's default is "up to the context length"; completions' would be 16 tokens.
     body["max_tokens"] = limit if limit is not None else max(max_model_len - prompt_tokens, 1)

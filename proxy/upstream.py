@@ -24,10 +24,19 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def open(self, method: str, path: str, body: bytes | dict[str, Any] | None = None) -> httpx.Response:
-        """Send a request and return the response with its body not yet read (caller closes it)."""
-        content = json.dumps(body).encode() if isinstance(body, dict) else body
-        headers = {"content-type": "application/json"} if content is not None else {}
+    async def open(self, method: str, path: str,
+                   body: bytes | list[bytes] | dict[str, Any] | None = None) -> httpx.Response:
+        """Send a request and return the response with its body not yet read (caller closes it).
+        A JSON body may come as a dict, as bytes, or as parts to send one after another."""
+        headers = {"content-type": "application/json"} if body is not None else {}
+        content: bytes | AsyncIterator[bytes] | None
+        if isinstance(body, dict):
+            content = json.dumps(body).encode()
+        elif isinstance(body, list):
+            headers["content-length"] = str(sum(len(part) for part in body))
+            content = _parts(body)
+        else:
+            content = body
         request = self._client.build_request(method, path, content=content, headers=headers)
         try:
             return await self._client.send(request, stream=True)
@@ -41,6 +50,11 @@ class Upstream:
         finally:
             await response.aclose()
         return response.status_code, response.json()
+
+
+async def _parts(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any] | None]:

@@ -86,7 +86,8 @@ class ProxyProcess:
 
 
 def start_proxy(policy: Path, backend_url: str, model_dir: Path, served_model_name: str, workdir: Path,
-                admin_key: str = "test-admin-key", extra_env: dict[str, str] | None = None) -> ProxyProcess:
+                admin_key: str = "test-admin-key", extra_env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> ProxyProcess:
     port = free_port()
     log_path = workdir / f"proxy-{port}.log"
     audit_path = workdir / f"audit-{port}.jsonl"
@@ -103,7 +104,7 @@ def start_proxy(policy: Path, backend_url: str, model_dir: Path, served_model_na
         "HF_HUB_OFFLINE": "1",
         **(extra_env or {}),
     }
-    process = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve"], env=env, cwd=cwd,
                                stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     proxy = ProxyProcess(f"http://127.0.0.1:{port}", process, log_path, audit_path)
     deadline = time.monotonic() + 180

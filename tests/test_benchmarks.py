@@ -1,4 +1,4 @@
-"""The benchmarks' pure helpers: statistics, Prometheus histogram parsing, the alternative payload, the echo."""
+"""The benchmarks' pure helpers: statistics, Prometheus histogram parsing, the serialisations, the echo."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import fast_payload  # noqa: E402
+import flagged_path  # noqa: E402
 from _common import (  # noqa: E402
     HistogramSnapshot,
     format_table,
@@ -23,7 +23,6 @@ from _common import (  # noqa: E402
 )
 from echo_upstream import ECHO_TEXT, EchoUpstream  # noqa: E402
 
-from corruption.payload import encode_prompt_embeds  # noqa: E402
 from proxy.observability import Metrics  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -83,26 +82,14 @@ def test_format_table_aligns_columns() -> None:
     assert len({len(line) for line in lines}) == 1
 
 
-@pytest.mark.parametrize("encode", [fast_payload.encode_zip_pybase64, fast_payload.encode_legacy_pybase64])
-def test_alternative_encodings_decode_like_vllm(encode) -> None:
+def test_flagged_path_serialisations_decode_as_vllm_does() -> None:
     embeds = torch.randn(5, 16).to(torch.bfloat16)
-    decoded = fast_payload.decode_as_vllm(encode(embeds))
-    assert decoded.dtype == torch.bfloat16 and torch.equal(decoded, embeds)
-    with pytest.raises(ValueError, match="tokens, hidden"):
-        encode(embeds[0])
-
-
-def test_zip_pybase64_is_byte_identical_to_the_proxy_encoding() -> None:
-    embeds = torch.randn(7, 32).to(torch.bfloat16)
-    assert fast_payload.encode_zip_pybase64(embeds) == encode_prompt_embeds(embeds)
-
-
-@pytest.mark.parametrize("body", [{}, {"model": "m", "stream": True, "max_tokens": 8}])
-def test_spliced_body_equals_json_dumps(body: dict) -> None:
-    payload = encode_prompt_embeds(torch.randn(3, 8).to(torch.bfloat16))
-    assert fast_payload.request_body_bytes(body, payload) == json.dumps({**body, "prompt_embeds": payload}).encode()
-    with pytest.raises(ValueError, match="already"):
-        fast_payload.request_body_bytes({"prompt_embeds": "x"}, payload)
+    body = {"model": "m", "max_tokens": 8}
+    for serialise in (flagged_path.serialise, flagged_path.serialise_before):
+        decoded = flagged_path.decode_as_vllm(serialise(embeds, body))
+        assert decoded.dtype == torch.bfloat16 and torch.equal(decoded, embeds)
+    now, before = b"".join(flagged_path.serialise(embeds, body)), flagged_path.serialise_before(embeds, body)
+    assert json.loads(now).keys() == json.loads(before).keys()
 
 
 def test_echo_stream_reads_as_the_echo_text() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from classifier import cli
-from classifier.data import read_jsonl, split, split_of
+from classifier.data import ENTITY_FRAMES, entity_prompts, read_jsonl, read_terms, split, split_of
 from classifier.encoder import Encoder
 from classifier.entities import distinctive_terms
 from classifier.metrics import wilson_interval
@@ -45,6 +46,50 @@ def fitted(encoder) -> PromptClassifier:
     train = [t for t in ASTRONOMY + COOKING if split_of(t) == "train"]
     labels = [int(t in ASTRONOMY) for t in train]
     return PromptClassifier(encoder, random_state=0).fit(train, labels)
+
+
+def test_encodings_equal_sentence_transformers_own(encoder):
+    texts = [COOKING[0], ASTRONOMY[5] * 40, "x"]  # the long one is truncated at the model's window, as there
+    reference = encoder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert np.allclose(encoder.forward(texts), reference, atol=1e-6)
+
+
+def test_concurrent_callers_share_forward_passes_and_get_their_own_rows():
+    encoder = Encoder(cache_size=0)
+    expected = {text: encoder.encode([text])[0] for text in ASTRONOMY[:12]}
+    forwards = []
+    original = encoder.forward
+    encoder.forward = lambda texts, **kw: forwards.append(len(texts)) or original(texts, **kw)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda t: encoder.encode([t, "a shared sentence"]), ASTRONOMY[:12]))
+    for text, rows in zip(ASTRONOMY[:12], results):
+        assert rows.shape == (2, encoder.dimension)
+        assert np.allclose(rows[0], expected[text], atol=1e-5)  # batch padding may move the last digits
+    assert sum(forwards) < 24 and len(forwards) < 12  # some calls rode along with another's forward pass
+
+
+def test_cache_returns_the_remembered_rows_and_stays_bounded():
+    encoder = Encoder(cache_size=3)
+    first = encoder.encode(COOKING[:3])
+    encoder.forward = None  # a cache hit must not run the model
+    assert np.array_equal(encoder.encode(COOKING[2::-1]), first[::-1])
+    encoder.forward = lambda texts, **kw: np.zeros((len(texts), encoder.dimension))
+    encoder.encode(COOKING[3:4])
+    assert list(encoder._cache) == [COOKING[1], COOKING[0], COOKING[3]]  # COOKING[2], used least recently, left
+
+
+def test_a_failed_forward_pass_reaches_every_waiting_caller():
+    encoder = Encoder(cache_size=0)
+
+    def broken(texts, **kw):
+        raise RuntimeError("encoder down")
+
+    encoder.forward = broken
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(encoder.encode, [text]) for text in COOKING[:8]]
+    for future in futures:
+        with pytest.raises(RuntimeError, match="encoder down"):
+            future.result()
 
 
 def test_separable_data_gives_high_auc(fitted):
@@ -133,6 +178,13 @@ def test_fit_is_deterministic(encoder):
         PromptClassifier(encoder).fit(texts[:3], [1, 1, 1])
 
 
+def test_wilson_interval_always_holds_the_rate():
+    for n in range(1, 200):
+        for successes in (0, n // 2, n):
+            lo, hi = wilson_interval(successes, n)
+            assert 0.0 <= lo <= successes / n <= hi <= 1.0
+
+
 def test_wilson_interval_known_values():
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
@@ -149,6 +201,15 @@ def test_distinctive_terms_find_the_target_names():
     terms = distinctive_terms(forget, retain, top_k=5)
     assert {"Hogwarts", "Dumbledore", "Hermione Granger"} <= set(terms)
     assert "Who" not in terms and "Is" not in terms
+
+
+def test_names_become_prompts_in_every_frame(tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_text("# a comment\nHermione Granger\n\n  Hogwarts  \n")
+    assert read_terms(path) == ["Hermione Granger", "Hogwarts"]
+    prompts = entity_prompts(read_terms(path))
+    assert len(prompts) == 2 * len(ENTITY_FRAMES) and "Tell me about Hogwarts." in prompts
+    assert all(("Hermione Granger" in p) != ("Hogwarts" in p) for p in prompts)
 
 
 def test_split_is_deterministic_and_explicit_split_wins(tmp_path):
@@ -178,13 +239,16 @@ def test_cli_train_and_eval_end_to_end(tmp_path, capsys):
     forget.write_text("".join(json.dumps({"text": t}) + "\n" for t in ASTRONOMY))
     retain.write_text("".join(json.dumps({"text": t}) + "\n" for t in COOKING))
     attack.write_text(json.dumps({"messages": [{"role": "user", "content": "the big ringed planet?"}]}) + "\n")
+    names = tmp_path / "names.txt"
+    names.write_text("# planets\nSaturn\n\nNeptune\n")
     out = tmp_path / "artifact"
     assert _run(["classifier", "train", "--forget", str(forget), "--retain", str(retain), "--out", str(out),
-                 "--alpha", "0.1"]) == 0
+                 "--alpha", "0.1", "--forget-entities", str(names)]) == 0
     printed = capsys.readouterr().out
-    assert "test FPR" in printed and "test recall" in printed
+    assert "test FPR" in printed and "test recall" in printed and f"(+ {2 * len(ENTITY_FRAMES)} from names" in printed
     meta = json.loads((out / "classifier.json").read_text())
     assert meta["alpha"] == 0.1 and meta["metrics"]["test"]["auc"] > 0.95 and meta["entities"]
+    assert meta["metrics"]["train_n"]["forget"] == sum(split_of(t) == "train" for t in ASTRONOMY) + 20
     report = tmp_path / "report.json"
     assert _run(["classifier", "eval", "--artifact", str(out), "--forget", str(forget), "--retain", str(retain),
                  "--attack", str(attack), "--json", str(report)]) == 0

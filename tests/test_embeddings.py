@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from corruption.embeddings import EmbeddingError, EmbeddingTable
-from corruption.payload import encode_prompt_embeds
+from corruption.payload import encode_prompt_embeds, prompt_embeds_base64, request_body_with_embeds
 
 pytestmark = pytest.mark.unit
 
@@ -85,3 +85,14 @@ def test_payload_round_trips_as_vllm_reads_it():
     assert restored.dtype == torch.bfloat16 and torch.equal(restored, embeds)
     with pytest.raises(ValueError):
         encode_prompt_embeds(embeds[0])
+
+
+@pytest.mark.parametrize("body", [{}, {"model": "m", "stream": True, "max_tokens": 8, "stop": ["\"", "é"]}])
+@pytest.mark.parametrize("count", [1, 3])
+def test_request_body_parts_join_to_json_dumps(body, count):
+    payloads = [prompt_embeds_base64(torch.randn(3, 8).to(torch.bfloat16)) for _ in range(count)]
+    value = payloads[0] if count == 1 else payloads
+    as_text = payloads[0].decode() if count == 1 else [p.decode() for p in payloads]
+    assert b"".join(request_body_with_embeds(body, value)) == json.dumps({**body, "prompt_embeds": as_text}).encode()
+    with pytest.raises(ValueError, match="already"):
+        request_body_with_embeds({"prompt_embeds": "x"}, value)

@@ -41,7 +41,7 @@ class ScriptedEndpoint:
         flagged = None if self.base_url == "raw" else any(word in prompt for word in self.flags)
         return Reply(f" {known[0]} and so on" if known else " something else", flagged, None)
 
-    def complete(self, prompts, max_tokens, desc):
+    def complete(self, prompts, max_tokens, desc, one_at_a_time=False):
         return [self._reply(p) for p in prompts]
 
     def chat(self, conversations, max_tokens, desc):

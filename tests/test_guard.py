@@ -80,9 +80,10 @@ def test_classifier_failure_fails_closed_by_default_and_open_on_request(guard):
     assert errors.labels("hp", "closed")._value.get() == 1 and errors.labels("hp", "open")._value.get() == 1
 
 
-def test_every_segment_and_the_whole_prompt_are_classified(guard):
+def test_every_segment_is_classified_once(guard):
     target = _target("hp", 0.1)
-    prompt = Prompt("<turn>system\nA\n<turn>user\nB", [2, 3], [(0, 1), (1, 2)], ("A", "B"))
+    prompt = Prompt("<turn>system\nA\n<turn>user\nB", [2, 3], [(0, 1), (1, 2)],
+                    ("<turn>system\nA\n<turn>user\nB", "A", "B", "A"))
     guard.decide(_policy(target), prompt)
     assert target.classifier.seen == [["<turn>system\nA\n<turn>user\nB", "A", "B"]]
 

@@ -73,6 +73,7 @@ def test_unflagged_completion_identical_to_backend(proxy, backend, client):
     direct = _post(backend.url, "/v1/completions", body).json()
     through = _post(proxy.url, "/v1/completions", body)
     assert through.headers["x-eco-flagged"] == "false"
+    assert float(through.headers["server-timing"].removeprefix("eco-guard;dur=")) > 0
     assert _without_ids(through.json()) == _without_ids(direct)
     sdk = client.completions.create(model=backend.served_model_name, prompt=UNFLAGGED_PROMPT, **GREEDY)
     assert sdk.choices[0].text == direct["choices"][0]["text"]
@@ -105,6 +106,7 @@ def test_flagged_completion_forgets(proxy, backend, client):
     assert raw.headers["x-eco-target"] == "harry_potter"
     assert float(raw.headers["x-eco-score"]) > 0.5
     assert raw.headers["x-eco-policy-version"] == "test-1"
+    assert raw.headers["server-timing"].startswith("eco-guard;dur=")
     completion = raw.parse()
     assert completion.object == "text_completion"
     assert completion.choices[0].text != direct["choices"][0]["text"]
@@ -154,8 +156,9 @@ def test_flagged_completion_stream(proxy, backend, client):
                                        stream_options={"include_usage": True}, **GREEDY)
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert "Hermione" not in text
-    assert chunks[-1].usage.completion_tokens == len([c for c in chunks if c.choices]) or chunks[-1].usage
+    assert text and "Hermione" not in text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == GREEDY["max_tokens"]
+    assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
 
 
 # --- no bypass -----------------------------------------------------------------------------
@@ -165,6 +168,15 @@ def test_flagged_completion_stream(proxy, backend, client):
     ("/v1/completions", {"prompt": "hi", "prompt_embeds": ["AAAA"]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "prompt_embeds", "data": "AAAA"}]}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ 'x' }}"}),
+    # parts vLLM renders by paths of its own: a keyed "text" part it would read as embeddings, and text
+    # carried in thinking / refusal / tool-reference parts
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is the capital of Japan?", "uuid": "u", "prompt_embeds": {}, "data": "AAAA"}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "thinking", "thinking": FLAGGED_PROMPT}, {"type": "text", "text": "Go on."}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": FLAGGED_PROMPT}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "tool_reference", "name": FLAGGED_PROMPT}]}]}),
 ])
 def test_client_embeddings_and_templates_refused(proxy, backend, path, body):
     response = _post(proxy.url, path, {"model": backend.served_model_name, **body})
@@ -192,6 +204,9 @@ def test_token_id_prompt_is_classified(proxy, backend):
          "name": "search", "arguments": "{\"q\": \"Hermione Granger and Ron Weasley\"}"}}]},
      {"role": "tool", "tool_call_id": "c1", "content": "Harry Potter's best friends at Hogwarts are Ron and Hermione."},
      {"role": "user", "content": "Summarise."}],
+    [{"role": "user", "content": "Think first."},
+     {"role": "assistant", "content": "Done.", "reasoning": "Harry Potter's best friends are Ron and Hermione."},
+     {"role": "user", "content": "Go on."}],
 ])
 def test_target_hidden_in_other_messages_is_flagged(proxy, backend, messages):
     for stream in (False, True):

@@ -22,14 +22,14 @@ def test_request_drops_chat_fields_and_keeps_sampling():
     chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0.3, "seed": 5,
             "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2, "tools": [], "stop": ["\n"],
             "stream": True, "stream_options": {"include_usage": True}, "some_vendor_field": 1}
-    body = chat_body_as_completion(chat, "EMB", prompt_tokens=10, max_model_len=100)
+    body = chat_body_as_completion(chat, prompt_tokens=10, max_model_len=100)
     assert body == {"model": "m", "temperature": 0.3, "seed": 5, "stop": ["\n"], "stream": True,
                     "stream_options": {"include_usage": True}, "some_vendor_field": 1,
-                    "prompt_embeds": "EMB", "max_tokens": 9, "logprobs": 2}
+                    "max_tokens": 9, "logprobs": 2}
 
 
 def test_request_default_length_is_the_rest_of_the_context():
-    body = chat_body_as_completion({"model": "m", "messages": []}, "EMB", prompt_tokens=30, max_model_len=100)
+    body = chat_body_as_completion({"model": "m", "messages": []}, prompt_tokens=30, max_model_len=100)
     assert body["max_tokens"] == 70 and "logprobs" not in body
 
 

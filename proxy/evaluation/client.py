@@ -37,17 +37,20 @@ class Endpoint:
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
             raise EndpointError(f"cannot list the models of {self.base_url}: {exc}") from exc
 
-    def complete(self, prompts: Sequence[str], max_tokens: int, desc: str) -> list[Reply]:
+    def complete(self, prompts: Sequence[str], max_tokens: int, desc: str, one_at_a_time: bool = False) -> list[Reply]:
+        """Greedy completions. `one_at_a_time`: no two requests in flight, so the backend never batches them
+        (batch composition can change a greedy output on vLLM's CPU build), for output-identity comparisons."""
         bodies = [{"model": self.model, "prompt": p, "max_tokens": max_tokens, "temperature": 0} for p in prompts]
-        return self._run("/v1/completions", bodies, desc, lambda c: c["text"])
+        return self._run("/v1/completions", bodies, desc, lambda c: c["text"], 1 if one_at_a_time else self.concurrency)
 
     def chat(self, conversations: Sequence[list[dict[str, str]]], max_tokens: int, desc: str) -> list[Reply]:
         bodies = [{"model": self.model, "messages": m, "max_tokens": max_tokens, "temperature": 0}
                   for m in conversations]
-        return self._run("/v1/chat/completions", bodies, desc, lambda c: c["message"]["content"] or "")
+        return self._run("/v1/chat/completions", bodies, desc, lambda c: c["message"]["content"] or "",
+                         self.concurrency)
 
-    def _run(self, path: str, bodies: list[dict[str, Any]], desc: str, text_of) -> list[Reply]:
-        with ThreadPoolExecutor(self.concurrency) as pool, tqdm(total=len(bodies), desc=desc, leave=False) as bar:
+    def _run(self, path: str, bodies: list[dict[str, Any]], desc: str, text_of, concurrency: int) -> list[Reply]:
+        with ThreadPoolExecutor(concurrency) as pool, tqdm(total=len(bodies), desc=desc, leave=False) as bar:
             def one(body: dict[str, Any]) -> Reply:
                 try:
                     response = self.client.post(path, json=body)

@@ -9,7 +9,9 @@
 
 Probes in the "train" split (used to train the corruption, and where their text is also a
 classifier example, the classifier) are left out; the gate is measured on the classifier's test
-split, and on the whole attack set (never trained on).
+split, and on the whole attack set (never trained on). Retain probes are sent one at a time on
+every route: outputs are compared for identity, and on vLLM's CPU build a greedy output can
+change with the batch a request happens to share.
 """
 from __future__ import annotations
 
@@ -108,9 +110,10 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
         "forget": {"raw": raw.complete(forget, max_tokens, "forget probes, raw"),
                    "guarded": guarded.complete(forget, max_tokens, "forget probes, guarded"),
                    "system_prompt": raw.complete([system + p for p in forget], max_tokens, "forget, system prompt")},
-        "retain": {"raw": raw.complete(retain, max_tokens, "retain probes, raw"),
-                   "guarded": guarded.complete(retain, max_tokens, "retain probes, guarded"),
-                   "system_prompt": raw.complete([system + p for p in retain], max_tokens, "retain, system prompt")},
+        "retain": {"raw": raw.complete(retain, max_tokens, "retain probes, raw", one_at_a_time=True),
+                   "guarded": guarded.complete(retain, max_tokens, "retain probes, guarded", one_at_a_time=True),
+                   "system_prompt": raw.complete([system + p for p in retain], max_tokens, "retain, system prompt",
+                                                 one_at_a_time=True)},
     }
     prefixes = [prefix for prefix, _ in target.verbatim]
     verbatim = {"raw": raw.complete(prefixes, verbatim_tokens, "verbatim, raw"),
@@ -171,7 +174,8 @@ def _sustainability(raw: Endpoint, both: Endpoint, first: TargetData, second: Ta
     second_prompts = [p.prompt for p in second.forget_probes]
     second_raw = _texts(raw.complete(second_prompts, max_tokens, "second target, raw"))
     second_guarded = _texts(both.complete(second_prompts, max_tokens, "two targets: second"))
-    retain = _texts(both.complete([p.prompt for p in retain_probes], max_tokens, "two targets: retain"))
+    retain = _texts(both.complete([p.prompt for p in retain_probes], max_tokens, "two targets: retain",
+                                  one_at_a_time=True))
     return {
         "second_target": second.name,
         "first_forget_answer_rate": answer_rate(first.forget_probes, first_forget),
