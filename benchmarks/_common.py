@@ -278,15 +278,6 @@ def served_model_name(backend_url: str, fallback: str) -> str:
     return cards[0]["id"] if cards else fallback
 
 
-def classifier_policy(workdir: Path) -> tuple[Path, str]:
-    """The demo policy when it exists, else a tiny classifier trained here; and which one it is."""
-    if DEMO_POLICY.is_file():
-        return DEMO_POLICY, "demo/policy.yaml"
-    from tests.proxy_harness import train_tiny_policy
-
-    return train_tiny_policy(workdir, version="bench-tiny"), "tiny policy trained on tests/proxy_harness.py examples"
-
-
 def passthrough_policy(workdir: Path) -> Path:
     """No targets: no classifier runs, every request is forwarded (the proxy's own cost)."""
     path = workdir / "passthrough.yaml"

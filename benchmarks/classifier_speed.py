@@ -1,7 +1,6 @@
 """Figure 4 — the prompt classifier's speed: one prompt at a time, concurrent callers, and batches.
 
-Uses the demo classifier artifact (the first target of demo/policy.yaml) when it exists,
-else a tiny classifier trained here on the test examples; either way the packaged
+Uses the demo classifier artifact (the first target of demo/policy.yaml); the packaged
 all-MiniLM-L6-v2 encoder does the work, on the CPU. Reports
 
 - single-prompt latency (p50/p95) of `score_segments`, cold (every text new: the encoder's
@@ -14,13 +13,12 @@ all-MiniLM-L6-v2 encoder does the work, on the CPU. Reports
   "per call" runs one forward pass per call, in parallel, as the encoder did before;
 - throughput of `predict_proba` for batches of 1, 8, 32 and 64 prompts.
 
-    .venv/bin/python benchmarks/classifier_speed.py [--quick]
+    .venv/bin/python benchmarks/classifier_speed.py [--quick] [--torch-threads N]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,18 +49,11 @@ SETTINGS = {"quick": {"single": 40, "concurrent": 48, "batches_s": 3.0},
 SYSTEM_PROMPT = "You are a helpful assistant for a bookshop. Answer briefly and politely."
 
 
-def load_classifier(workdir: Path, encoder: Encoder) -> tuple[PromptClassifier, str]:
-    if DEMO_POLICY.is_file():
-        targets = yaml.safe_load(DEMO_POLICY.read_text()).get("targets") or []
-        if targets:
-            artifact = DEMO_POLICY.parent / targets[0]["classifier"]
-            return (PromptClassifier.load(artifact, encoder=encoder),
-                    f"demo artifact {artifact.relative_to(DEMO_POLICY.parent.parent)}")
-    from tests.proxy_harness import train_tiny_policy
-
-    train_tiny_policy(workdir, version="bench-tiny")
-    return (PromptClassifier.load(workdir / "classifier", encoder=encoder),
-            "tiny classifier trained on tests/proxy_harness.py examples")
+def load_classifier(encoder: Encoder) -> tuple[PromptClassifier, str]:
+    """The classifier of the demo policy's first target, on the given encoder."""
+    target = yaml.safe_load(DEMO_POLICY.read_text())["targets"][0]
+    artifact = DEMO_POLICY.parent / target["classifier"]
+    return PromptClassifier.load(artifact, encoder=encoder), str(artifact.relative_to(DEMO_POLICY.parent.parent))
 
 
 def long_prompt(seed: str, words: int = 250) -> str:
@@ -132,7 +123,7 @@ def plot(single: list[dict[str, Any]], threads: list[dict[str, Any]], batches: l
     xs = range(len(single))
     left.bar([x - 0.2 for x in xs], [r["p50_ms"] for r in single], width=0.4, label="p50")
     left.bar([x + 0.2 for x in xs], [r["p95_ms"] for r in single], width=0.4, label="p95")
-    left.set_xticks(list(xs), labels, fontsize=7)
+    left.set_xticks(list(xs), labels, fontsize=7, rotation=25, ha="right")
     left.set_ylabel("ms per prompt")
     left.set_title("one call at a time (score_segments)")
     left.legend()
@@ -141,20 +132,17 @@ def plot(single: list[dict[str, Any]], threads: list[dict[str, Any]], batches: l
         middle.plot([r["threads"] for r in rows], [r["p50_ms"] for r in rows], style, label=f"{mode}: p50 latency")
         middle.plot([r["threads"] for r in rows], [r["p99_ms"] for r in rows], style, alpha=0.5,
                     label=f"{mode}: p99 latency")
-    middle.set_xscale("log", base=2)
-    middle.set_xticks(list(THREADS), [str(t) for t in THREADS])
-    middle.set_xlabel("concurrent callers")
-    middle.set_ylabel("ms per call")
-    middle.set_title("concurrent callers, new short prompts")
     middle.legend(fontsize=7)
-    middle.grid(alpha=0.3)
     right.plot([b["batch"] for b in batches], [b["prompts_per_s"] for b in batches], "-o")
-    right.set_xscale("log", base=2)
-    right.set_xticks(list(BATCH_SIZES), [str(b) for b in BATCH_SIZES])
-    right.set_xlabel("batch size")
-    right.set_ylabel("prompts / second")
-    right.set_title("batched throughput (predict_proba, short prompts)")
-    right.grid(alpha=0.3)
+    for ax, ticks, xlabel, ylabel, title in (
+            (middle, THREADS, "concurrent callers", "ms per call", "concurrent callers, new short prompts"),
+            (right, BATCH_SIZES, "batch size", "prompts / second", "batched throughput (predict_proba, short prompts)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(ticks), [str(t) for t in ticks])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
     figure.suptitle(f"Prompt classifier (all-MiniLM-L6-v2 + head), CPU, {torch.get_num_threads()} torch threads; "
                     "2 shared cores, indicative")
     return save_figure(figure, "classifier_speed")
@@ -163,13 +151,15 @@ def plot(single: list[dict[str, Any]], threads: list[dict[str, Any]], batches: l
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer calls, shorter batch runs")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="CPU threads for torch, as `eco-proxy serve --torch-threads` (default 1, as there)")
     args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
     mode = "quick" if args.quick else "full"
     settings = SETTINGS[mode]
     cold_encoder, warm_encoder = Encoder(cache_size=0), Encoder()
-    with tempfile.TemporaryDirectory(prefix="eco-bench-classifier-") as tmp:
-        cold, label = load_classifier(Path(tmp), cold_encoder)
-        warm, _ = load_classifier(Path(tmp), warm_encoder)
+    cold, label = load_classifier(cold_encoder)
+    warm, _ = load_classifier(warm_encoder)
     print(f"classifier: {label}; torch threads {torch.get_num_threads()}", flush=True)
     short = [*UNFLAGGED_PROMPTS, *FLAGGED_PROMPTS]
     long = [long_prompt(p) for p in short]

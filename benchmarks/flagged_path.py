@@ -20,7 +20,7 @@ prompt's.
 
 Goal: serialisation (tensor to request bytes) <= 10 ms per 1k tokens at hidden 4096.
 
-    .venv/bin/python benchmarks/flagged_path.py [--quick]
+    .venv/bin/python benchmarks/flagged_path.py [--quick] [--torch-threads N]
 """
 from __future__ import annotations
 
@@ -200,21 +200,21 @@ def backend_check(backend_url: str, model_dir: Path, tokenizer: Any) -> dict[str
 def plot(rows: list[dict[str, Any]], tokenise: dict[int, float]) -> Path:
     plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    steps = (("lookup_ms", "lookup", "-o"), ("corrupt_ms", "corrupt", "-o"), ("serialise_ms", "serialise", "-o"),
-             ("serialise_before_ms", "serialise, before", ":x"))
+    steps = (("lookup_ms", "lookup", "-o", "tab:orange"), ("corrupt_ms", "corrupt", "-o", "tab:green"),
+             ("serialise_ms", "serialise", "-o", "tab:red"), ("serialise_before_ms", "serialise, before", ":x", "tab:red"))
     goal_rows = [r for r in rows if r["hidden"] == GOAL_HIDDEN and r["vocab"] == VOCAB]
     ax = axes[0]
     xs = [r["tokens"] for r in goal_rows]
-    ax.plot(list(tokenise), list(tokenise.values()), "-o", label="tokenise (gemma)")
-    for key, label, style in steps:
-        ax.plot(xs, [r[key] for r in goal_rows], style, label=label)
+    ax.plot(list(tokenise), list(tokenise.values()), "-o", color="tab:blue", label="tokenise (gemma)")
+    for key, label, style, colour in steps:
+        ax.plot(xs, [r[key] for r in goal_rows], style, color=colour, label=label)
     ax.plot(xs, [GOAL_MS_PER_1K * t / 1024 for t in xs], "k--", label="goal: 10 ms per 1k tokens")
     ax.set_title(f"steps vs prompt length (hidden {GOAL_HIDDEN})")
     ax.set_xlabel("prompt tokens")
     ax = axes[1]
     at_1k = [r for r in rows if r["tokens"] == 1024 and r["vocab"] == VOCAB]
-    for key, label, style in steps:
-        ax.plot([r["hidden"] for r in at_1k], [r[key] for r in at_1k], style, label=label)
+    for key, label, style, colour in steps:
+        ax.plot([r["hidden"] for r in at_1k], [r[key] for r in at_1k], style, color=colour, label=label)
     ax.axhline(GOAL_MS_PER_1K, color="k", linestyle="--", label="goal at hidden 4096")
     ax.set_title("steps vs hidden size (1024 tokens)")
     ax.set_xlabel("hidden size")
@@ -237,10 +237,13 @@ def plot(rows: list[dict[str, Any]], tokenise: dict[int, float]) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions per measurement")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="CPU threads for torch, as `eco-proxy serve --torch-threads` (default 1, as there)")
     parser.add_argument("--model-dir", help="the gemma directory for the tokenizer (default: the prepared model)")
     parser.add_argument("--backend-url", default=DEFAULT_BACKEND_URL,
                         help="a vLLM to check the alternative encodings against (skipped if unreachable)")
     args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
     mode = "quick" if args.quick else "full"
     reps, budget = SETTINGS[mode]["reps"], SETTINGS[mode]["budget_s"]
     from transformers import AutoTokenizer
@@ -307,7 +310,7 @@ def main() -> int:
     check = backend_check(args.backend_url, model_dir, tokenizer)
     print(f"backend check (text prompt vs the proxy's prompt_embeds body): {check}")
 
-    payload = {**result_header(), "mode": mode,
+    payload = {**result_header(), "mode": mode, "torch_threads": torch.get_num_threads(),
                "corruption_spec": "gaussian_first_n over all dims, sigma 1.0, scope all",
                "tokeniser": str(model_dir.name), "token_counts": token_counts, "tokenise_ms": tokenise,
                "goal": goal, "lookup_vs_vocab": {"vocab_32k": lookup_small, "vocab_262k": lookup_large},

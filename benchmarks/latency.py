@@ -1,8 +1,7 @@
 """Figure 1 — the latency the guard adds: through the proxy vs straight to vLLM.
 
 Starts its own `eco-proxy serve` in front of the given vLLM (default http://127.0.0.1:8100)
-with the demo policy (or, before the demo exists, a tiny classifier trained on the test
-examples). Streaming chat requests (greedy, `ignore_eos`, a fixed number of new tokens) go
+with the demo policy. Streaming chat requests (greedy, `ignore_eos`, a fixed number of new tokens) go
 to every route, interleaved: each worker sends one request body to every route in turn,
 rotating the order, so all routes see the same backend load. Every body is new (a numbered
 prompt), so the classifier's cache never answers; the figures are the cold cost.
@@ -15,7 +14,8 @@ The proxy's own work before it sends the backend request is read per request fro
 End-to-end differences include vLLM's queueing noise.
 
 `--compare-ref REF` also starts the proxy as it was at git commit REF (from a temporary
-worktree) as a third route, for a before/after comparison measured side by side.
+worktree, with that commit's own demo policy and artifacts) as a third route, for a
+before/after comparison measured side by side; its results go to `latency_vs_REF.*`.
 
     .venv/bin/python benchmarks/latency.py [--quick] [--backend-url URL] [--compare-ref REF]
 """
@@ -36,12 +36,12 @@ from typing import Any
 import httpx
 from _common import (
     DEFAULT_BACKEND_URL,
+    DEMO_POLICY,
     FLAGGED_PROMPTS,
     REPO_ROOT,
     UNFLAGGED_PROMPTS,
     FreshPrompts,
     chat_body,
-    classifier_policy,
     format_table,
     parse_histogram,
     pyplot,
@@ -181,7 +181,7 @@ def goal_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return check
 
 
-def plot(rows: list[dict[str, Any]], routes: list[str]) -> Path:
+def plot(rows: list[dict[str, Any]], routes: list[str], name: str) -> Path:
     plt = pyplot()
     figure, axes = plt.subplots(2, 3, figsize=(16, 8), sharex=True)
     for i, kind in enumerate(CLASSES):
@@ -209,7 +209,7 @@ def plot(rows: list[dict[str, Any]], routes: list[str]) -> Path:
                 ax.set_xlabel("concurrency")
             ax.legend(fontsize=7)
     figure.suptitle("eco-proxy vs direct vLLM (gemma-3-270m, 2 shared CPU cores; indicative)")
-    return save_figure(figure, "latency")
+    return save_figure(figure, name)
 
 
 def worktree(stack: ExitStack, ref: str) -> Path:
@@ -235,14 +235,14 @@ def main() -> int:
 
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eco-bench-latency-")))
-        policy, policy_label = classifier_policy(workdir)
-        print(f"policy: {policy_label}; backend {args.backend_url} ({model}); starting the proxy ...", flush=True)
+        policy = DEMO_POLICY
+        print(f"policy: {policy.relative_to(REPO_ROOT)}; backend {args.backend_url} ({model}); starting the proxy ...", flush=True)
         urls = {"direct": args.backend_url}
-        for route, code_dir in (("proxy", None), ("before", worktree(stack, args.compare_ref) if args.compare_ref
-                                                  else None)):
-            if route == "before" and code_dir is None:
-                continue
-            proxy = start_proxy(policy, args.backend_url, model_dir, model, workdir, code_dir=code_dir)
+        checkouts = {"proxy": None, **({"before": worktree(stack, args.compare_ref)} if args.compare_ref else {})}
+        for route, code_dir in checkouts.items():
+            # an earlier commit runs with its own demo policy and artifacts (their format may have changed since)
+            own_policy = code_dir / policy.relative_to(REPO_ROOT) if code_dir else policy
+            proxy = start_proxy(own_policy, args.backend_url, model_dir, model, workdir, code_dir=code_dir)
             stack.callback(proxy.stop)
             urls[route] = proxy.url
         routes = list(urls)
@@ -274,9 +274,10 @@ def main() -> int:
           f"p99 <= {GOAL_P99_MS} ms): {verdict} — p50 {check['guard_p50_ms']:.2f} ms, "
           f"p99 {check['guard_p99_ms']:.2f} ms{before}")
     payload = {**result_header(), "mode": mode, "backend_url": args.backend_url, "model": model,
-               "policy": policy_label, "max_tokens": args.max_tokens, "endpoint": "/v1/chat/completions (stream)",
+               "policy": str(DEMO_POLICY.relative_to(REPO_ROOT)), "max_tokens": args.max_tokens, "endpoint": "/v1/chat/completions (stream)",
                "compare_ref": args.compare_ref, "goal": check, "phases": rows}
-    print(f"\nsaved {save_json('latency', payload)} and {plot(rows, routes)}")
+    name = f"latency_vs_{args.compare_ref}" if args.compare_ref else "latency"  # the plain run stays the headline
+    print(f"\nsaved {save_json(name, payload)} and {plot(rows, routes, name)}")
     return 0
 
 

@@ -30,11 +30,11 @@ from typing import Any
 
 import httpx
 from _common import (
+    DEMO_POLICY,
     FLAGGED_PROMPTS,
     UNFLAGGED_PROMPTS,
     FreshPrompts,
     chat_body,
-    classifier_policy,
     format_table,
     parse_histogram,
     passthrough_policy,
@@ -180,7 +180,7 @@ def main() -> int:
             print(f"echo upstream at {echo_url}; direct answer: {assert_echo_answer(echo_url)!r}")
             rows += run_scenario("direct to echo", echo_url, unflagged, workdir, concurrencies, limits, None, None)
 
-            policy, policy_label = classifier_policy(workdir)
+            policy, policy_label = DEMO_POLICY, "demo/policy.yaml"
             for label, policy_path, scenarios in (
                 ("pass-through (targets: [])", passthrough_policy(workdir),
                  ((unflagged, "unflagged"), (unflagged_stream, "unflagged"))),

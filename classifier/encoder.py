@@ -2,18 +2,19 @@
 
 Many threads may call one `Encoder` at once (a server classifies concurrent requests). Their
 texts are queued, and a single-thread executor encodes everything queued so far in one
-shared forward pass. Batching amortises the model's cost, and keeping torch on one thread
-matters on a CPU: every thread that runs torch gets an OpenMP team of its own, and once the
-teams hold more threads than there are cores, OpenMP stops spin-waiting and each pass runs
-about twice as slowly. A server that does other torch work can hand its encoders the
-executor it uses for that work, so that all of it runs on one thread. The tokenizer is used under a lock: a fast tokenizer keeps its
-padding settings in shared state, and concurrent calls corrupt each other's batches. Recent
-texts are remembered (a bounded LRU), so a repeated system prompt or the earlier turns of a
+shared forward pass; at most one such pass waits in the executor at a time, so other work
+given to the same thread never queues behind a backlog of passes. Batching amortises the
+model's cost, and keeping torch on one thread matters on a CPU: every thread that runs torch
+gets an OpenMP team of its own, and once the teams hold more threads than there are cores,
+OpenMP stops spin-waiting and each pass runs about twice as slowly. A server that does other
+torch work can hand its encoders the executor it uses for that work, so that all of it runs
+on one thread. The tokenizer is used under a lock: a fast tokenizer keeps its padding
+settings in shared state, and concurrent calls corrupt each other's batches. Recent texts
+are remembered (a bounded LRU), so a repeated system prompt or the earlier turns of a
 conversation are not encoded again.
 """
 from __future__ import annotations
 
-import queue
 import threading
 from collections import OrderedDict
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -67,7 +68,9 @@ class Encoder:
         self.dimension = int(dimension())  # the older name is deprecated in sentence-transformers 6
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._jobs: list[_Job] = []
+        self._drain_pending = False  # a pass is already waiting in the executor
+        self._jobs_lock = threading.Lock()
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="encoder")
         self._tokenizer_lock = threading.Lock()
 
@@ -91,8 +94,11 @@ class Encoder:
 
     def _encode_shared(self, texts: list[str], progress: bool) -> np.ndarray:
         job = _Job(texts, progress)
-        self._jobs.put(job)
-        self._executor.submit(self._drain)
+        with self._jobs_lock:
+            self._jobs.append(job)
+            schedule, self._drain_pending = not self._drain_pending, True
+        if schedule:
+            self._executor.submit(self._drain)
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -100,15 +106,10 @@ class Encoder:
         return job.vectors
 
     def _drain(self) -> None:
-        """Encode every queued job in one pass; a later drain that finds the queue empty does nothing."""
-        jobs = []
-        while True:
-            try:
-                jobs.append(self._jobs.get_nowait())
-            except queue.Empty:
-                break
-        if jobs:
-            self._run(jobs)
+        """Encode every job queued so far in one pass; jobs that arrive meanwhile schedule the next drain."""
+        with self._jobs_lock:
+            jobs, self._jobs, self._drain_pending = self._jobs, [], False
+        self._run(jobs)
 
     def _run(self, jobs: list[_Job]) -> None:
         unique = list(dict.fromkeys(text for job in jobs for text in job.texts))

@@ -60,12 +60,13 @@ class PromptClassifier:
         return self.encoder
 
     def _ngrams(self, windows: Sequence[str]) -> Any:
-        """Sparse [windows, ngram_features] l2-normalised n-gram counts, scaled by ngram_weight."""
+        """Sparse [windows, ngram_features] l2-normalised n-gram counts."""
         from sklearn.feature_extraction.text import HashingVectorizer
 
-        hashing = HashingVectorizer(analyzer="char_wb", ngram_range=self.ngram_range, n_features=self.ngram_features,
-                                    alternate_sign=False, norm="l2")
-        return hashing.transform(windows) * self.ngram_weight
+        if getattr(self, "_hashing", None) is None:  # stateless: built once for speed, not fitted
+            self._hashing = HashingVectorizer(analyzer="char_wb", ngram_range=self.ngram_range,
+                                              n_features=self.ngram_features, alternate_sign=False, norm="l2")
+        return self._hashing.transform(windows)
 
     def _windows(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
         """Every window of every text (a text that fits is its own window), and each window's text index."""
@@ -91,12 +92,12 @@ class PromptClassifier:
         if self.ngram_features:
             from scipy.sparse import csr_matrix, hstack
 
-            features = hstack([csr_matrix(embeddings), self._ngrams(windows)]).tocsr()
+            features = hstack([csr_matrix(embeddings), self._ngrams(windows) * self.ngram_weight]).tocsr()
         head = LogisticRegression(C=self.C, class_weight="balanced", max_iter=5000, random_state=self.random_state)
         head.fit(features, labels[owners])
         dimension = embeddings.shape[1]
         self.coef_ = head.coef_[0, :dimension].astype(np.float32)
-        self.ngram_coef_ = head.coef_[0, dimension:].astype(np.float32)
+        self.ngram_coef_ = (head.coef_[0, dimension:] * self.ngram_weight).astype(np.float32)  # on unscaled counts
         self.intercept_ = float(np.float32(head.intercept_[0]))  # as saved, so a loaded artifact scores the same
         self.classes_ = np.array([0, 1])
         self.n_features_in_ = dimension

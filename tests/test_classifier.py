@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -66,6 +67,28 @@ def test_concurrent_callers_share_forward_passes_and_get_their_own_rows():
         assert rows.shape == (2, encoder.dimension)
         assert np.allclose(rows[0], expected[text], atol=1e-5)  # batch padding may move the last digits
     assert sum(forwards) < 24 and len(forwards) < 12  # some calls rode along with another's forward pass
+
+
+def test_no_backlog_of_passes_builds_up_on_the_shared_thread():
+    """Other work given to the same thread (the proxy's corruption) waits for at most one pass, not a queue of them."""
+
+    class CountingExecutor(ThreadPoolExecutor):
+        waiting, most_waiting = 0, 0
+
+        def submit(self, fn, *args, **kwargs):
+            def run():
+                CountingExecutor.waiting -= 1
+                return fn(*args, **kwargs)
+            CountingExecutor.waiting += 1
+            CountingExecutor.most_waiting = max(CountingExecutor.most_waiting, CountingExecutor.waiting)
+            return super().submit(run)
+
+    encoder = Encoder(cache_size=0, executor=CountingExecutor(1))
+    slow = encoder.forward
+    encoder.forward = lambda texts, **kw: time.sleep(0.02) or slow(texts, **kw)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda t: encoder.encode([t]), ASTRONOMY[:64]))
+    assert CountingExecutor.most_waiting <= 2  # the pass being handed over, and the one next in line
 
 
 def test_cache_returns_the_remembered_rows_and_stays_bounded():
