@@ -3,9 +3,9 @@
 - the sentence embedding (all-MiniLM-L6-v2): what a prompt is about, in any wording;
 - hashed character n-grams (3 to 5 characters, inside word boundaries): the names, places
   and spells themselves, even misspelt or inside another language. A mean-pooled sentence
-  embedding blurs a single name ("In the films, Alan Rickman played Severus" reads as a
-  sentence about actors); the n-grams keep it. Hashing is stateless, so the only fitted
-  n-gram state is the weight vector.
+  embedding blurs a single name (a question about which actor played a character reads as
+  a sentence about actors, whichever film it names); the n-grams keep it. Hashing is
+  stateless, so the only fitted n-gram state is the weight vector.
 
 Follows scikit-learn's estimator contract: parameters in the constructor, `fit` returns the
 estimator, fitted state in attributes ending with `_`. The artifact is a directory holding

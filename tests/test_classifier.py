@@ -158,6 +158,14 @@ def test_artifact_round_trip_without_pickle(fitted, encoder, tmp_path):
     assert loaded.training_hash_ == fitted.training_hash_
 
 
+def test_embedding_only_classifier_round_trips(encoder, tmp_path):
+    train = [t for t in ASTRONOMY + COOKING if split_of(t) == "train"]
+    plain = PromptClassifier(encoder, ngram_features=0).fit(train, [int(t in ASTRONOMY) for t in train])
+    loaded = PromptClassifier.load(plain.save(tmp_path / "plain"), encoder=encoder)
+    assert loaded.ngram_coef_.size == 0
+    assert np.array_equal(loaded.score(ASTRONOMY[:5]), plain.score(ASTRONOMY[:5]))
+
+
 def test_load_rejects_a_corrupt_artifact(fitted, tmp_path):
     from safetensors.numpy import save_file
 
