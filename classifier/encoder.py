@@ -163,11 +163,12 @@ class Encoder:
 
 
 class EncoderPool:
-    """One encoder per spec, shared by every classifier built on it (and so its batching and cache)."""
+    """One encoder per spec, shared by every classifier built on it (and so its batching and cache).
+    All of them run on `executor`, one thread, which a server may also give its other torch work."""
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE, executor: Executor | None = None):
         self.cache_size = cache_size
-        self.executor = executor
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="torch")
         self._encoders: dict[str, Encoder] = {}
         self._lock = threading.Lock()
 

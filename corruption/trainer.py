@@ -79,10 +79,10 @@ class EmbedsBackend:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0}
         if logprobs is not None:
             body["logprobs"] = logprobs
-        parts = request_body_with_embeds(body, [prompt_embeds_base64(e) for e in batch])
+        content = b"".join(request_body_with_embeds(body, [prompt_embeds_base64(e) for e in batch]))
         try:
-            response = self.client.post("/v1/completions", content=iter(parts), headers={
-                "content-type": "application/json", "content-length": str(sum(len(part) for part in parts))})
+            response = self.client.post("/v1/completions", content=content,
+                                        headers={"content-type": "application/json"})
         except httpx.HTTPError as exc:
             raise BackendError(f"backend {self.base_url} unreachable: {exc}") from exc
         if response.status_code != 200:

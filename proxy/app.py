@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +56,7 @@ class ProxyState:
     upstream: Upstream
     metrics: Metrics
     audit: AuditLog
-    encoders: EncoderPool  # kept across reloads
-    torch_thread: Executor  # the one thread for torch work (see classifier/encoder.py), the encoders' too
+    encoders: EncoderPool  # kept across reloads; its executor is the one thread for all torch work
     admin_key: str | None = None
     max_model_len: int | None = None  # asked of the backend when first needed
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -214,7 +212,7 @@ async def _generate(state: ProxyState, request: Request, endpoint: Endpoint) -> 
         return request_body_with_embeds(upstream_body, payloads if len(payloads) > 1 else payloads[0])
 
     try:
-        content = await asyncio.get_running_loop().run_in_executor(state.torch_thread, corrupted_request)
+        content = await asyncio.get_running_loop().run_in_executor(state.encoders.executor, corrupted_request)
     except Exception:  # the flagged prompt cannot go out uncorrupted: refuse it, say so, keep the trace in the log
         log.exception("corrupting a prompt flagged by %s failed", target_name)
         return error_response(500, "the proxy could not corrupt this prompt; the request was not sent",

@@ -127,7 +127,6 @@ def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> 
         audit=AuditLog(settings.audit_log),
         admin_key=settings.admin_key,
         encoders=encoders,
-        torch_thread=torch_thread,
     )
 
 

@@ -24,19 +24,16 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def open(self, method: str, path: str,
-                   body: bytes | list[bytes] | dict[str, Any] | None = None) -> httpx.Response:
+    async def open(self, method: str, path: str, body: list[bytes] | dict[str, Any] | None = None) -> httpx.Response:
         """Send a request and return the response with its body not yet read (caller closes it).
-        A JSON body may come as a dict, as bytes, or as parts to send one after another."""
+        A JSON body may come as a dict, or as encoded parts to send one after another."""
         headers = {"content-type": "application/json"} if body is not None else {}
-        content: bytes | AsyncIterator[bytes] | None
+        content: bytes | AsyncIterator[bytes] | None = None
         if isinstance(body, dict):
             content = json.dumps(body).encode()
         elif isinstance(body, list):
             headers["content-length"] = str(sum(len(part) for part in body))
             content = _parts(body)
-        else:
-            content = body
         request = self._client.build_request(method, path, content=content, headers=headers)
         try:
             return await self._client.send(request, stream=True)
