@@ -281,7 +281,7 @@ def served_model_name(backend_url: str, fallback: str) -> str:
 def passthrough_policy(workdir: Path) -> Path:
     """No targets: no classifier runs, every request is forwarded (the proxy's own cost)."""
     path = workdir / "passthrough.yaml"
-    path.write_text("version: bench-passthrough\ntargets: []\n")
+    path.write_text("version: bench-passthrough\ntargets: []\nheaders: full\n")
     return path
 
 
@@ -294,6 +294,15 @@ def start_proxy(policy: Path, backend_url: str, model_dir: Path, model_name: str
     extra_env = {"PYTHONPATH": str(code_dir)} if code_dir else None
     return start(policy, backend_url, model_dir, model_name, workdir, admin_key="bench-admin-key",
                  extra_env=extra_env, cwd=code_dir)
+
+
+def scrape_metrics(proxy_url: str) -> str:
+    """The proxy's /metrics (behind the key the harness starts it with)."""
+    import httpx
+
+    from tests.proxy_harness import METRICS_KEY
+
+    return httpx.get(f"{proxy_url}/metrics", headers={"authorization": f"Bearer {METRICS_KEY}"}, timeout=10).text
 
 
 def chat_body(model: str, prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:

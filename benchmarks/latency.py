@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 from _common import (
+    scrape_metrics,
     DEFAULT_BACKEND_URL,
     DEMO_POLICY,
     FLAGGED_PROMPTS,
@@ -119,10 +120,6 @@ async def run_phase(urls: dict[str, str], model: str, prompts: FreshPrompts, con
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return samples
-
-
-def scrape(proxy_url: str) -> str:
-    return httpx.get(f"{proxy_url}/metrics", timeout=10).text
 
 
 def phase_row(kind: str, concurrency: int, samples: list[Sample], routes: list[str],
@@ -256,10 +253,10 @@ def main() -> int:
                 print(f"{kind:>9} concurrency {concurrency:>2}: {rounds} rounds ...", flush=True)
                 started = time.monotonic()
                 proxies = [route for route in routes if route != "direct"]
-                before = {route: scrape(urls[route]) for route in proxies}
+                before = {route: scrape_metrics(urls[route]) for route in proxies}
                 samples = asyncio.run(run_phase(urls, model, fresh, concurrency, rounds, args.max_tokens,
                                                 PHASE_SECONDS[mode]))
-                metrics = {route: (before[route], scrape(urls[route])) for route in proxies}
+                metrics = {route: (before[route], scrape_metrics(urls[route])) for route in proxies}
                 row = phase_row(kind, concurrency, samples, routes, metrics)
                 row["seconds"] = time.monotonic() - started
                 rows.append(row)

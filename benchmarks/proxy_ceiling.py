@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 from _common import (
+    scrape_metrics,
     DEMO_POLICY,
     FLAGGED_PROMPTS,
     UNFLAGGED_PROMPTS,
@@ -123,11 +124,11 @@ def run_scenario(name: str, url: str, requests: Requests, workdir: Path, concurr
                  limits: tuple[int, float], metrics_url: str | None, path_label: str | None) -> list[dict[str, Any]]:
     rows = []
     for concurrency in concurrencies:
-        before = httpx.get(f"{metrics_url}/metrics").text if metrics_url else ""
+        before = scrape_metrics(metrics_url) if metrics_url else ""
         result = load(url, requests.file(workdir, limits[0]), concurrency, limits)
         row = {"scenario": name, **result}
         if metrics_url and path_label:
-            after = httpx.get(f"{metrics_url}/metrics").text
+            after = scrape_metrics(metrics_url)
             row["proxy_added_latency_metric"] = parse_histogram(
                 after, "eco_added_latency_seconds", {"path": path_label}).minus(
                 parse_histogram(before, "eco_added_latency_seconds", {"path": path_label})).summary_ms()

@@ -1,13 +1,21 @@
-"""`eco-proxy classifier train|eval`: build a calibrated prompt classifier and measure it."""
+"""`eco-proxy classifier train|eval`: build a calibrated prompt classifier and measure it.
+
+With `--gate-data DIR` (the gate data format: DIR/train and DIR/test), either model is trained on
+part of DIR/train, calibrated on the rest (split by cluster) and reported on both that part and
+DIR/test. The older `--forget/--retain` files train the logistic baseline alone.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from classifier.encoder import DEFAULT_ENCODER
+
+MODELS = ("finetuned", "logistic")
 
 
 def register(groups: argparse._SubParsersAction) -> None:
@@ -15,16 +23,27 @@ def register(groups: argparse._SubParsersAction) -> None:
     commands = group.add_subparsers(dest="classifier_command", required=True)
 
     train = commands.add_parser(
-        "train", help="fit on forget/retain JSONL, calibrate the threshold, report on the test split",
-        description="Each file is split train/calibration/test (60/20/20 by a hash of the text, unless a "
-                    "record names its split). The threshold is calibrated on held-out retain prompts so that "
-                    "the false-positive rate is at most alpha.")
-    train.add_argument("--forget", type=Path, action="append", required=True, help="forget-target prompts (JSONL)")
-    train.add_argument("--retain", type=Path, action="append", required=True, help="retain prompts (JSONL)")
+        "train", help="fit, calibrate the threshold, report per group on the calibration and test splits",
+        description="With --gate-data, DIR/train is split train/calibration by cluster and DIR/test is only "
+                    "scored; diluted forget prompts are added to each split from its own records. The threshold "
+                    "is the largest of per-retain-group thresholds whose FPR exceeds alpha with probability at "
+                    "most delta. Without it, --forget/--retain files train the logistic baseline (60/20/20 "
+                    "split by a hash of the text, split-conformal threshold).")
+    train.add_argument("--model", choices=MODELS, help="default: finetuned with --gate-data, logistic otherwise")
+    train.add_argument("--gate-data", type=Path, help="gate data directory (train/ and test/ of JSONL)")
+    train.add_argument("--forget", type=Path, action="append", default=[], help="forget-target prompts (JSONL)")
+    train.add_argument("--retain", type=Path, action="append", default=[], help="retain prompts (JSONL)")
     train.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    train.add_argument("--alpha", type=float, default=0.05, help="target false-positive rate")
+    train.add_argument("--alpha", type=float, default=0.01, help="target false-positive rate")
+    train.add_argument("--delta", type=float, default=0.1,
+                       help="allowed probability that a group's FPR exceeds alpha (--gate-data)")
+    train.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (finetuned)")
+    train.add_argument("--max-minutes", type=float, default=20.0,
+                       help="time budget of the fine-tune: fewer epochs when it binds (finetuned)")
+    train.add_argument("--diluted-fraction", type=float, default=0.1,
+                       help="diluted forget prompts added to each split, as a fraction of its forget records")
     train.add_argument("--encoder", default=DEFAULT_ENCODER, help="sentence-transformers directory")
-    train.add_argument("--C", type=float, default=10.0, help="inverse regularisation strength")
+    train.add_argument("--C", type=float, default=10.0, help="inverse regularisation strength (logistic)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--entities-top-k", type=int, default=40, help="how many key terms to derive")
     train.add_argument("--entities", type=Path, help="key terms, one per line (instead of derived ones)")
@@ -36,16 +55,129 @@ def register(groups: argparse._SubParsersAction) -> None:
 
     evaluate = commands.add_parser("eval", help="FPR and recall of an artifact, with 95%% intervals")
     evaluate.add_argument("--artifact", type=Path, required=True)
-    evaluate.add_argument("--forget", type=Path, action="append", required=True)
-    evaluate.add_argument("--retain", type=Path, action="append", required=True)
+    evaluate.add_argument("--gate-data", type=Path,
+                          help="report per group on DIR/train's calibration part and DIR/test (as train does)")
+    evaluate.add_argument("--forget", type=Path, action="append", default=[])
+    evaluate.add_argument("--retain", type=Path, action="append", default=[])
     evaluate.add_argument("--attack", type=Path, action="append", default=[],
                           help="forget prompts that avoid the obvious words (all records used)")
     evaluate.add_argument("--split", choices=["test", "all"], default="test",
                           help="which part of the forget/retain files to score")
+    evaluate.add_argument("--seed", type=int, default=0, help="the split seed the artifact was trained with")
+    evaluate.add_argument("--diluted-fraction", type=float, default=0.1)
     evaluate.add_argument("--json", type=Path, help="also write the report here")
+    evaluate.add_argument("--markdown", type=Path, help="also write the Markdown report here (--gate-data)")
     evaluate.set_defaults(run=_eval)
 
 
+# -- gate data ------------------------------------------------------------------------------
+def _gate_splits(directory: Path, seed: int, diluted_fraction: float) -> dict[str, list[Any]]:
+    """train and calibration (DIR/train split by cluster) and test (DIR/test), each with diluted forget
+    prompts made from its own forget and long-document records."""
+    from classifier.gate_data import diluted, load_records, split_by_cluster
+
+    parts = split_by_cluster(load_records(directory / "train"), seed=seed)
+    splits = {"train": parts["train"], "calibration": parts["calibration"], "test": load_records(directory / "test")}
+    for offset, (name, records) in enumerate(splits.items()):
+        forget = [r for r in records if r.label == "forget" and r.group != "diluted"]
+        hosts = [r for r in records if r.group == "long_documents"]
+        count = round(diluted_fraction * len(forget))
+        if count and hosts and any(r.messages is None for r in forget):
+            records.extend(diluted(forget, hosts, count, seed=seed + offset))
+    return splits
+
+
+def _counts(records: list[Any]) -> str:
+    forget = sum(r.label == "forget" for r in records)
+    return f"{forget} forget, {len(records) - forget} retain"
+
+
+def _train_gate(args: argparse.Namespace) -> int:
+    from classifier.calibration import mondrian_threshold
+    from classifier.data import read_terms
+    from classifier.entities import distinctive_terms
+    from classifier.report import markdown, record_segments, score_records, split_report
+
+    model = args.model or "finetuned"
+    try:
+        splits = _gate_splits(args.gate_data, args.seed, args.diluted_fraction)
+        for name, records in splits.items():
+            print(f"{name:12s} {_counts(records)}")
+        train = splits["train"]
+        texts, labels = [r.text for r in train], [int(r.label == "forget") for r in train]
+        calibration = splits["calibration"]
+        calibration_labels = [int(r.label == "forget") for r in calibration]
+        started = time.monotonic()
+        if model == "finetuned":
+            from classifier.finetuned import FineTunedClassifier
+
+            classifier: Any = FineTunedClassifier(args.encoder, epochs=args.epochs, max_minutes=args.max_minutes,
+                                                  random_state=args.seed)
+            classifier.fit(texts, labels, progress=True)
+            print(f"calibrating on {_counts(calibration)} (alpha {args.alpha}, delta {args.delta}) ...")
+            classifier.calibrate([record_segments(r) for r in calibration], calibration_labels,
+                                 [r.group for r in calibration], args.alpha, args.delta)
+        else:
+            from classifier.model import PromptClassifier
+
+            classifier = PromptClassifier(args.encoder, C=args.C, random_state=args.seed)
+            print("encoding and fitting the training split ...")
+            classifier.fit(texts, labels, progress=True)
+            retain = [r for r in calibration if r.label == "retain"]
+            print(f"calibrating on {len(retain)} retain prompts (alpha {args.alpha}, delta {args.delta}) ...")
+            by_group: dict[str, list[float]] = {}
+            for record, score in zip(retain, score_records(classifier, retain, progress=True)):
+                by_group.setdefault(record.group, []).append(float(score))
+            classifier.threshold_, groups = mondrian_threshold(by_group, args.alpha, args.delta)
+            classifier.alpha_ = args.alpha
+            classifier.metrics_["calibration"] = {"delta": args.delta, "group_thresholds": groups}
+        seconds = time.monotonic() - started
+        reports = {name: split_report(splits[name], score_records(classifier, splits[name], progress=True),
+                                      classifier.threshold_) for name in ("calibration", "test")}
+        entities = read_terms(args.entities) if args.entities else distinctive_terms(
+            [r.text for r in train if r.label == "forget"], [r.text for r in train if r.label == "retain"],
+            top_k=args.entities_top_k)
+    except (OSError, ValueError) as exc:
+        print(f"eco-proxy classifier train: {exc}", file=sys.stderr)
+        return 2
+    classifier.entities_ = entities
+    classifier.metrics_.update({"training_seconds": round(seconds, 1), **reports})
+    classifier.save(args.out)
+    header = (f"Model: {model}; fitted and calibrated in {seconds / 60:.1f} min on {_counts(train)}; "
+              f"alpha {args.alpha}, delta {args.delta}; threshold {classifier.threshold_:.4f}.")
+    text = markdown(reports, [header])
+    (args.out / "report.md").write_text(text, encoding="utf-8")
+    print("\n" + text)
+    print(f"entities: {', '.join(entities[:15])}{' ...' if len(entities) > 15 else ''}")
+    print(f"wrote {args.out} (and report.md in it)")
+    return 0
+
+
+def _eval_gate(args: argparse.Namespace) -> int:
+    from classifier import load_classifier
+    from classifier.report import markdown, score_records, split_report
+
+    try:
+        classifier = load_classifier(args.artifact)
+        if classifier.threshold_ is None:
+            raise ValueError(f"{args.artifact} is not calibrated")
+        splits = _gate_splits(args.gate_data, args.seed, args.diluted_fraction)
+        reports = {name: split_report(splits[name], score_records(classifier, splits[name], progress=True),
+                                      classifier.threshold_) for name in ("calibration", "test")}
+    except (OSError, ValueError) as exc:
+        print(f"eco-proxy classifier eval: {exc}", file=sys.stderr)
+        return 2
+    text = markdown(reports, [f"Artifact: {args.artifact} ({classifier.kind}); threshold {classifier.threshold_:.4f}."])
+    print(text)
+    for path, content in ((args.markdown, text), (args.json, json.dumps(reports, indent=2) + "\n")):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content, encoding="utf-8")
+            print(f"wrote {path}")
+    return 0
+
+
+# -- forget/retain files (the logistic baseline) --------------------------------------------
 def _texts(paths: list[Path], split: str) -> list[str]:
     from classifier.data import read_jsonl
     from classifier.data import split as split_records
@@ -63,6 +195,19 @@ def _percent(value: float | None, interval: list[float] | None) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.gate_data is not None:
+        if args.forget or args.retain:
+            print("eco-proxy classifier train: give --gate-data or --forget/--retain, not both", file=sys.stderr)
+            return 2
+        return _train_gate(args)
+    if not (args.forget and args.retain) or args.model == "finetuned":
+        print("eco-proxy classifier train: give --gate-data DIR (either model), or --forget and --retain files "
+              "(the logistic baseline)", file=sys.stderr)
+        return 2
+    return _train_files(args)
+
+
+def _train_files(args: argparse.Namespace) -> int:
     from classifier.data import entity_prompts, read_terms
     from classifier.entities import distinctive_terms
     from classifier.model import PromptClassifier
@@ -101,6 +246,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.gate_data is not None:
+        return _eval_gate(args)
+    if not (args.forget and args.retain):
+        print("eco-proxy classifier eval: give --gate-data DIR, or --forget and --retain files", file=sys.stderr)
+        return 2
+    return _eval_files(args)
+
+
+def _eval_files(args: argparse.Namespace) -> int:
     from classifier.metrics import wilson_interval
     from classifier.model import PromptClassifier
 

@@ -38,6 +38,8 @@ def training_hash(texts: Sequence[str], labels: Sequence[int]) -> str:
 
 
 class PromptClassifier:
+    kind = "logistic"
+
     def __init__(self, encoder: Encoder | str | None = None, C: float = 10.0, random_state: int = 0,
                  ngram_range: tuple[int, int] = (3, 5), ngram_features: int = 2**18, ngram_weight: float = 1.0):
         self.encoder = encoder

@@ -38,6 +38,8 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--samples", type=int, default=2, help="noise draws per probe")
     train.add_argument("--max-tokens", type=int, default=8, help="tokens generated per probe")
     train.add_argument("--embedding-scale", type=float, help="input-embedding scale for an unknown architecture")
+    train.add_argument("--skip-embedding-check", action="store_true",
+                       help="do not check that the backend reads prompt embeddings as it reads text (unsafe)")
     train.add_argument("--seed", type=int, default=0, help="seed of the random directions (vector mode)")
     train.set_defaults(run=_train)
 
@@ -69,7 +71,11 @@ def _train(args: argparse.Namespace) -> int:
         spec = CorruptionSpec(method=args.method, scope=args.scope, **fields)
         backend = EmbedsBackend(args.backend_url)
         trainer = CorruptionTrainer(backend, tokenizer, embeddings, spec, entities=entities,
-                                    samples=args.samples, max_tokens=args.max_tokens)
+                                    samples=args.samples, max_tokens=args.max_tokens,
+                                    check_embeddings=not args.skip_embedding_check)
+        check = trainer.verify_backend()  # before any probe is sent
+        if check.status == "passed":
+            print(check.message)
         goal = args.goal
         if goal is None and args.score == "mc":
             goal = sum(q.chance for q in data) / len(data)

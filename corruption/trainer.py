@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, EmbeddingCheckUnavailable, run_or_skip
 from corruption.embeddings import EmbeddingTable
 from corruption.fluency import fluency_report
 from corruption.functions import corrupt
@@ -106,12 +107,13 @@ class CorruptionTrainer:
     """Measures unlearning scores at a strength and learns the strength that meets the goal.
 
     `samples` noise draws per prompt are averaged, so the learned strength holds for other
-    keys (the serving key differs from the training key).
+    keys (the serving key differs from the training key). Training first runs the embedding
+    check (`verify_backend`): a strength learned on wrongly scaled embeddings means nothing.
     """
 
     def __init__(self, backend: EmbedsBackend, tokenizer: Any, embeddings: EmbeddingTable, spec: CorruptionSpec,
                  entities: Sequence[str] = (), secret_key: bytes = b"eco-corruption-training",
-                 samples: int = 1, max_tokens: int = 8):
+                 samples: int = 1, max_tokens: int = 8, check_embeddings: bool = True):
         spec.check_hidden_size(embeddings.hidden_size)
         if spec.strength is None:
             raise ValueError(f"method {spec.method} has no strength to learn")
@@ -125,6 +127,21 @@ class CorruptionTrainer:
         self.secret_key = secret_key
         self.samples = samples
         self.max_tokens = max_tokens
+        self.check_embeddings = check_embeddings
+        self.embedding_check: EmbeddingCheckResult | None = None
+
+    def verify_backend(self) -> EmbeddingCheckResult:
+        """The embedding check against the backend, once; BackendError when it reads our embeddings otherwise."""
+        if self.embedding_check is None:
+            check = EmbeddingCheck(self.tokenizer, self.embeddings, self.backend.model)
+            try:
+                result = run_or_skip(check, self.backend.base_url, skip=not self.check_embeddings)
+            except EmbeddingCheckUnavailable as exc:
+                raise BackendError(str(exc)) from exc
+            if result.status == "failed":
+                raise BackendError(result.message)
+            self.embedding_check = result
+        return self.embedding_check
 
     # -- scores -------------------------------------------------------------------------
     def probe_hit_rate(self, probes: Sequence[Probe], strength: float | Sequence[float] | None) -> float:
@@ -171,6 +188,7 @@ class CorruptionTrainer:
     def train(self, score: Literal["probes", "mc"], data: Sequence[Probe] | Sequence[MultipleChoice],
               goal: float, optimizer: ZerothOrderOptimizer, initial: float | Sequence[float],
               log: Callable[[str], None] = print) -> dict[str, Any]:
+        self.verify_backend()
         measure = self.probe_hit_rate if score == "probes" else self.mc_accuracy
         started = time.monotonic()
         baseline = measure(data, None)
@@ -216,6 +234,7 @@ class CorruptionTrainer:
             "model": self.backend.model,
             "data": {"n": len(data), "sha256": _data_hash(data)},
             "seconds": round(time.monotonic() - started, 1),
+            "embedding_check": self.embedding_check.status,
         }
 
     def fluency(self, prompts: Sequence[str], strength: float | Sequence[float], max_tokens: int = 32) -> dict[str, Any]:

@@ -19,8 +19,16 @@ _HELP = {
     "port": "port to listen on",
     "secret_key": "key for the deterministic corruption noise",
     "admin_key": "bearer key for POST /admin/reload (unset: disabled)",
+    "api_key": "a client key for /v1/* (repeatable; env: comma-separated; unset: no key needed)",
+    "api_key_file": "a file of client keys, one per line",
+    "upstream_api_key": "the key of a vLLM started with --api-key",
+    "metrics_key": "bearer key for /metrics (unset: /metrics is off)",
+    "max_body_bytes": "largest request body accepted (default: sized for the backend's context length)",
+    "classify_timeout": "seconds a verdict may take before the targets' fail modes decide (default 10)",
     "audit_log": "JSONL audit log: a path, or - for stdout",
     "embedding_scale": "input-embedding scale for an architecture the proxy does not know",
+    "skip_embedding_check": "start without checking that the backend reads the proxy's embeddings as text "
+                            "(unsafe; logged loudly)",
     "classifier_cache_size": "prompt texts whose encoding the classifier keeps (0: none)",
     "torch_threads": "CPU threads for the classifier and the corruption (default 1)",
     "max_model_len": "context length of the vLLM the proxy starts",
@@ -32,8 +40,11 @@ def register(groups: argparse._SubParsersAction) -> None:
     serve = groups.add_parser("serve", help="run the guardrail proxy in front of vLLM",
                               description="Each option can also be set as ECO_<OPTION> in the environment.")
     for name, text in _HELP.items():
+        annotation = ServeSettings.model_fields[name].annotation
+        action = {"action": "store_const", "const": "true"} if annotation is bool else \
+            {"action": "append"} if annotation == list[str] else {}  # a switch: present means true
         serve.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                           help=f"{text} [env {ENV_PREFIX}{name.upper()}]")
+                           help=f"{text} [env {ENV_PREFIX}{name.upper()}]", **action)
     serve.set_defaults(run=_serve)
 
     model = groups.add_parser("model", help="prepare the default model")
@@ -68,6 +79,11 @@ def register(groups: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--second-target", default="star_wars")
     evaluate.add_argument("--two-targets", help="an endpoint guarding both targets (sustainability)")
     evaluate.add_argument("--concurrency", type=int, default=8)
+    evaluate.add_argument("--model-dir", help="the served model's directory, for the embedding check of --raw "
+                                              "(default: prepare gemma-3-270m)")
+    evaluate.add_argument("--embedding-scale", type=float, help="input-embedding scale for an unknown architecture")
+    evaluate.add_argument("--skip-embedding-check", action="store_true",
+                          help="do not check that --raw reads prompt embeddings as it reads text (unsafe)")
     evaluate.add_argument("--out", default="eval-report", help="directory for report.json, report.md, *.png")
     evaluate.set_defaults(run=_eval)
 
@@ -79,6 +95,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         value = getattr(args, name)
         if value is None:
             value = os.environ.get(ENV_PREFIX + name.upper())
+            if value is not None and ServeSettings.model_fields[name].annotation == list[str]:
+                value = [item.strip() for item in value.split(",") if item.strip()]
         if value is not None:
             values[name] = value
     return ServeSettings.model_validate(values)
@@ -129,6 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from corruption.embedding_check import EmbeddingCheckUnavailable
     from proxy.evaluation.client import Endpoint, EndpointError
     from proxy.evaluation.harness import evaluate, load_target
     from proxy.evaluation.report import markdown, plots
@@ -141,10 +160,12 @@ def _eval(args: argparse.Namespace) -> int:
         target = load_target(Path(args.data), args.target, retain_sets)
         second = load_target(Path(args.second_data), args.second_target, []) if args.second_data else None
         raw = Endpoint(args.raw, concurrency=args.concurrency)
+        if not _embedding_check(args, raw.base_url, raw.model):
+            return 2
         guarded = Endpoint(args.guarded, raw.model, concurrency=args.concurrency)
         both = Endpoint(args.two_targets, raw.model, concurrency=args.concurrency) if args.two_targets else None
         report = evaluate(raw, guarded, target, args.description, second, both)
-    except (OSError, ValueError, KeyError, EndpointError) as exc:
+    except (OSError, ValueError, KeyError, EndpointError, EmbeddingCheckUnavailable) as exc:
         print(f"eco-proxy eval: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -156,3 +177,32 @@ def _eval(args: argparse.Namespace) -> int:
     print(table)
     print(f"wrote {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(p) for p in pictures))
     return 0
+
+
+def _embedding_check(args: argparse.Namespace, backend_url: str, model: str) -> bool:
+    """Before the evaluation spends time on the backend: does it read prompt embeddings as it reads text?
+    The guarded endpoint sends them for every flagged prompt; the proxy checks itself at start."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from corruption.embedding_check import EmbeddingCheck, run_or_skip
+    from corruption.embeddings import EmbeddingTable
+    from proxy.model_prep import ModelPrepError, prepare_default_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model_dir = Path(args.model_dir) if args.model_dir else prepare_default_model()
+    except ModelPrepError as exc:
+        print(f"eco-proxy eval: --model-dir not given and the default model cannot be prepared: {exc}",
+              file=sys.stderr)
+        return False
+    embeddings = EmbeddingTable.from_model_dir(model_dir, scale=args.embedding_scale)
+    check = EmbeddingCheck(AutoTokenizer.from_pretrained(model_dir), embeddings, model)
+    result = run_or_skip(check, backend_url, args.skip_embedding_check)
+    if result.status == "failed":
+        print(f"eco-proxy eval: {result.message}", file=sys.stderr)
+        return False
+    if result.status == "passed":
+        print(result.message, file=sys.stderr)
+    return True

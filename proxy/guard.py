@@ -79,6 +79,12 @@ class Guard:
             verdicts.append(Verdict(target, score, score > target.threshold))
         return Decision(tuple(verdicts))
 
+    def failed(self, policy: ActivePolicy) -> Decision:
+        """The decision when no verdict came in time: every target's fail mode, counted as a failure."""
+        for target in policy.targets:
+            self.metrics.classifier_errors.labels(target.name, target.fail_mode).inc()
+        return Decision(tuple(Verdict(t, None, t.fail_mode == "closed") for t in policy.targets))
+
     def prompt_embeddings(self, prompt: Prompt, decision: Decision) -> torch.Tensor:
         """Exact embeddings of the prompt, corrupted by the deciding target if there is one."""
         embeds = self.embeddings.embed(prompt.token_ids)

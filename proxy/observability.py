@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -35,6 +36,10 @@ class Metrics:
         self.added_latency = Histogram("eco_added_latency_seconds",
                                        "Time the proxy spends before the backend request is sent, by path and deciding target",
                                        ["path", "target"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.embedding_check = Gauge("eco_embedding_check",
+                                     "Backend reads the proxy's embeddings as its text: 1 passed, 0 failed, "
+                                     "-1 skipped (--skip-embedding-check), NaN not run yet", registry=self.registry)
+        self.embedding_check.set(math.nan)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,12 +11,12 @@ builds every classifier before anything is swapped in, so a reload is all or not
         corruption_file: harry_potter/corruption.json   # a trainer result, or inline:
         # corruption: {method: gaussian_first_n, dims: 640, sigma: 4.0, scope: all}
         fail_mode: closed                       # a classifier error counts as flagged
+    headers: none                               # what clients see of the verdict: full | flag | none
     audit:
       include_text: false
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,8 +24,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from classifier import GateClassifier, load_classifier
 from classifier.encoder import EncoderPool
-from classifier.model import PromptClassifier
 from corruption.spec import CorruptionSpec
 
 
@@ -57,9 +57,16 @@ class AuditConfig(_Strict):
     include_text: bool = False
 
 
+VerdictHeaders = Literal["full", "flag", "none"]
+
+
 class PolicyConfig(_Strict):
     version: str = Field(min_length=1)
     targets: list[TargetConfig]  # may be empty: a pass-through proxy (used to measure the proxy alone)
+    # What a client sees of the verdict: full (x-eco-flagged, -target, -score, -policy-version and the
+    # guard's Server-Timing), flag (x-eco-flagged and the policy version), none (nothing: the safe default
+    # for a public endpoint). The audit log always has everything.
+    headers: VerdictHeaders = "none"
     audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
@@ -73,7 +80,7 @@ class PolicyConfig(_Strict):
 @dataclass(frozen=True)
 class ActiveTarget:
     name: str
-    classifier: PromptClassifier
+    classifier: GateClassifier
     threshold: float
     corruption: CorruptionSpec
     entities: tuple[str, ...]
@@ -86,6 +93,7 @@ class ActivePolicy:
     targets: tuple[ActiveTarget, ...]
     audit_include_text: bool
     source: Path
+    headers: VerdictHeaders = "none"
 
 
 def read_policy_config(path: Path) -> PolicyConfig:
@@ -113,7 +121,7 @@ def load_policy(path: str | Path, encoders: EncoderPool | None = None,
     config = read_policy_config(path)
     encoders = EncoderPool() if encoders is None else encoders
     targets = tuple(_load_target(path.parent, i, t, encoders, hidden_size) for i, t in enumerate(config.targets))
-    return ActivePolicy(config.version, targets, config.audit.include_text, path)
+    return ActivePolicy(config.version, targets, config.audit.include_text, path, config.headers)
 
 
 def _load_target(base: Path, index: int, config: TargetConfig, encoders: EncoderPool,
@@ -121,8 +129,7 @@ def _load_target(base: Path, index: int, config: TargetConfig, encoders: Encoder
     where = f"targets.{index}"
     artifact = base / config.classifier
     try:
-        encoder = encoders.get(PromptClassifier.artifact_encoder_spec(artifact))
-        classifier = PromptClassifier.load(artifact, encoder=encoder)
+        classifier = load_classifier(artifact, encoders=encoders)
     except (OSError, ValueError, KeyError) as exc:
         raise PolicyError(f"{where}.classifier: cannot load classifier artifact {artifact}: {exc}") from exc
     if config.corruption is not None:
@@ -146,9 +153,3 @@ def _load_target(base: Path, index: int, config: TargetConfig, encoders: Encoder
     if threshold is None:
         raise PolicyError(f"{where}.threshold: the artifact is not calibrated; set a threshold")
     return ActiveTarget(config.name, classifier, float(threshold), corruption, tuple(entities), config.fail_mode)
-
-
-def policy_summary(policy: ActivePolicy) -> str:
-    return json.dumps({"version": policy.version, "targets": [
-        {"name": t.name, "threshold": t.threshold, "corruption": t.corruption.model_dump(), "fail_mode": t.fail_mode}
-        for t in policy.targets]})

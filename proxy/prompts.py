@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from classifier.gate_data import chat_transcript
 from proxy.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 
@@ -24,9 +25,15 @@ class Prompt:
     segments: tuple[str, ...]  # what the classifier reads: the whole prompt and each message, or what stands for it
 
 
+class PromptError(ValueError):
+    """The request's prompt cannot be built (token ids out of the vocabulary, a template that refuses the
+    conversation); the message is safe to show the client."""
+
+
 class PromptBuilder:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
 
     def completion_prompts(self, request: CompletionRequest) -> list[Prompt]:
         raw = request.prompt
@@ -36,14 +43,19 @@ class PromptBuilder:
             items = [raw]  # one prompt given as token ids
         else:
             items = list(raw)
-        return [self._completion_prompt(item) for item in items]
+        # As vLLM does for completions: special tokens (<bos>) added unless the request says otherwise.
+        add_special_tokens = request.add_special_tokens is not False
+        return [self._completion_prompt(item, add_special_tokens) for item in items]
 
-    def _completion_prompt(self, item: str | list[int]) -> Prompt:
+    def _completion_prompt(self, item: str | list[int], add_special_tokens: bool) -> Prompt:
         if isinstance(item, str):
-            # As vLLM does for completions: special tokens (<bos>) added.
-            encoded = self.tokenizer(item, return_offsets_mapping=True)
+            encoded = self.tokenizer(item, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
             return Prompt(item, encoded.input_ids, encoded.offset_mapping, (item,))
         # Token ids are decoded and classified like text; never forwarded unread.
+        for position, token in enumerate(item):
+            if not 0 <= token < self.vocab_size:
+                raise PromptError(f"prompt: token id {token} at position {position} is outside the vocabulary "
+                                  f"(0 to {self.vocab_size - 1})")
         pieces = [self.tokenizer.decode([i], skip_special_tokens=True) for i in item]
         offsets, position = [], 0
         for piece in pieces:
@@ -55,14 +67,22 @@ class PromptBuilder:
 
     def chat_prompt(self, request: ChatCompletionRequest) -> Prompt:
         messages = [_template_message(m) for m in request.messages]
-        rendered = self._render(request, messages)
-        # vLLM tokenizes a rendered chat without adding special tokens: the template has them.
-        encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        try:
+            rendered = self._render(request, messages)
+        except Exception as exc:  # jinja raises its own types for conversations a template refuses
+            raise PromptError(f"messages: the chat template cannot render this conversation ({type(exc).__name__})") from exc
+        # vLLM tokenizes a rendered chat without adding special tokens (the template has them) unless asked to.
+        encoded = self.tokenizer(rendered, add_special_tokens=request.add_special_tokens is True,
+                                 return_offsets_mapping=True)
         contents = [m["content"] for m in messages if m["content"]]
         segments = contents + _field_texts(request)
-        # The whole rendering is classified too (a target split across messages, text a template adds),
-        # unless it is nothing but the template's fixed text around a single message.
-        if not (segments == contents and len(contents) == 1 and self._only_wraps(request, messages, rendered)):
+        # The conversation is also read as a whole, as the gate was trained to read chats (a target split
+        # across messages, a question that only an earlier turn explains), and the rendering itself when the
+        # template put more than the message contents into it (names, ids, tools, template arguments).
+        if len(contents) > 1:
+            segments.insert(0, chat_transcript({"role": m["role"], "content": m["content"]}
+                                               for m in messages if m["content"]))
+        if not self._only_wraps(request, messages, rendered):
             segments.insert(0, rendered)
         return Prompt(rendered, encoded.input_ids, encoded.offset_mapping, tuple(segments))
 
@@ -78,19 +98,25 @@ class PromptBuilder:
         )
 
     def _only_wraps(self, request: ChatCompletionRequest, messages: list[dict[str, Any]], rendered: str) -> bool:
-        """Whether `rendered` holds nothing a client wrote but the one message content: it must equal the
+        """Whether `rendered` holds nothing a client wrote but the message contents: it must equal the
         rendering of the bare conversation (roles only; no names, ids, tools or template arguments)
-        with that content put back in."""
-        marker = "\ue000eco-proxy-content\ue000"
-        content = next(m["content"] for m in messages if m["content"])
-        bare = [{"role": m["role"], "content": marker if m["content"] else ""} for m in messages]
+        with the contents put back in."""
+        if _field_texts(request) or request.chat_template_kwargs:
+            return False
+        markers = [f"\ue000eco-proxy-content-{i}\ue000" for i in range(len(messages))]
+        bare = [{"role": m["role"], "content": marker if m["content"] else ""} for m, marker in zip(messages, markers)]
         try:
             skeleton = self.tokenizer.apply_chat_template(
                 bare, add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message, tokenize=False)
         except Exception:  # a template that needs more than roles and contents: classify the whole rendering
             return False
-        return marker in skeleton and skeleton.replace(marker, content) == rendered
+        for message, marker in zip(messages, markers):
+            if message["content"]:
+                if skeleton.count(marker) != 1:
+                    return False
+                skeleton = skeleton.replace(marker, message["content"])
+        return skeleton == rendered
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:

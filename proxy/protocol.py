@@ -1,18 +1,73 @@
-"""The parts of the OpenAI request schema the proxy reads, and OpenAI-shaped errors.
+"""The OpenAI request schema as the proxy reads it, and OpenAI-shaped errors.
 
-Models mirror the API's field names and accept unknown fields, because unflagged requests
-are forwarded byte for byte and the backend owns the rest of the schema. Only what the
-guard depends on is typed here, so that a wrong type is a 400 naming the field.
+One rule decides what reaches vLLM: every field of vLLM's own request models is in exactly one
+of three sets per endpoint (`FIELD_RULES`):
+- classified: content the prompt is built from, and so read by the gate;
+- forwarded: parameters that shape generation but put no text before the model;
+- refused: fields that would let a request skip the gate or reveal prompt likelihoods; any
+  value but null (or the field's harmless default) is a 400 naming the field.
+A field vLLM does not know is dropped: the upstream body is built from the parsed request,
+never from the raw JSON, so vLLM cannot read anything the proxy did not place.
+`tests/test_protocol.py` compares these sets with vLLM's models, so a vLLM upgrade that adds a
+field fails the tests until the field is placed.
+
+Values the proxy decides on are typed, with the coercions vLLM itself applies (pydantic's lax
+mode: `"false"` is False), so the proxy never branches on the truthiness of raw JSON.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Endpoint = Literal["completions", "chat"]
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    classified: frozenset[str]
+    forwarded: frozenset[str]
+    refused: frozenset[str]
+
+
+_SHARED_FORWARDED = frozenset({
+    "model", "stream", "stream_options", "n", "max_tokens", "logprobs", "temperature", "top_p", "top_k", "min_p",
+    "seed", "stop", "stop_token_ids", "bad_words", "allowed_token_ids", "logit_bias", "logprob_token_ids",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "length_penalty", "repetition_detection",
+    "ignore_eos", "min_tokens", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+    "return_token_ids", "return_token_offsets", "return_tokens_as_token_ids", "response_format",
+    "structured_outputs", "use_beam_search", "user", "priority", "request_id", "cache_salt", "session_id",
+    "stream_interval", "thinking_token_budget", "watermarking", "add_special_tokens",
+})
+# Embeddings and multimodal payloads skip the tokenizer the gate reads; transfer parameters and
+# extension arguments reach engine internals; truncation would make the model read other tokens
+# than the ones embedded; prompt log-probabilities would reveal the uncorrupted prompt.
+_SHARED_REFUSED = frozenset({
+    "prompt_embeds", "mm_payload", "return_mm_kwargs", "kv_transfer_params", "ec_transfer_params", "vllm_xargs",
+    "routed_experts_prompt_start", "truncate_prompt_tokens", "truncation_side", "prompt_logprobs",
+})
+
+FIELD_RULES: dict[Endpoint, FieldRule] = {
+    "completions": FieldRule(
+        classified=frozenset({"prompt"}),
+        forwarded=_SHARED_FORWARDED,
+        refused=_SHARED_REFUSED | {"echo", "suffix"},
+    ),
+    "chat": FieldRule(
+        classified=frozenset({"messages", "tools", "documents", "chat_template_kwargs", "add_generation_prompt",
+                              "continue_final_message"}),
+        forwarded=_SHARED_FORWARDED | {"max_completion_tokens", "top_logprobs", "tool_choice", "parallel_tool_calls",
+                                       "include_reasoning", "reasoning_effort", "echo", "return_prompt_text"},
+        refused=_SHARED_REFUSED | {"chat_template", "media_io_kwargs", "mm_processor_kwargs"},
+    ),
+}
 
 
 class _Open(BaseModel):
+    """Message-level objects keep their extra keys: the chat template sees them, so the gate does too."""
+
     model_config = ConfigDict(extra="allow")
 
 
@@ -57,38 +112,117 @@ class ChatMessage(_Open):
         return content
 
 
-class StreamOptions(_Open):
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
 
-class _GenerationRequest(_Open):
+class _Request(BaseModel):
+    """Fields vLLM does not know are ignored here and so never forwarded."""
+
+    model_config = ConfigDict(extra="ignore")
+    endpoint: ClassVar[Endpoint]
+
     model: str
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
     max_tokens: int | None = None
-    prompt_logprobs: int | None = None
+    return_token_ids: bool | None = None
+    add_special_tokens: bool | None = None
+    # Forwarded as the client sent them; vLLM validates them the same way on both paths.
+    temperature: Any = None
+    top_p: Any = None
+    top_k: Any = None
+    min_p: Any = None
+    seed: Any = None
+    stop: Any = None
+    stop_token_ids: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    logit_bias: Any = None
+    logprob_token_ids: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    repetition_penalty: Any = None
+    length_penalty: Any = None
+    repetition_detection: Any = None
+    ignore_eos: Any = None
+    min_tokens: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
+    return_token_offsets: Any = None
+    return_tokens_as_token_ids: Any = None
+    response_format: Any = None
+    structured_outputs: Any = None
+    use_beam_search: Any = None
+    user: Any = None
+    priority: Any = None
+    request_id: Any = None
+    cache_salt: Any = None
+    session_id: Any = None
+    stream_interval: Any = None
+    thinking_token_budget: Any = None
+    watermarking: Any = None
+    # Refused unless null (see `_refuse`).
     prompt_embeds: Any = None
+    mm_payload: Any = None
+    return_mm_kwargs: Any = None
+    kv_transfer_params: Any = None
+    ec_transfer_params: Any = None
+    vllm_xargs: Any = None
+    routed_experts_prompt_start: Any = None
+    truncate_prompt_tokens: Any = None
+    truncation_side: Any = None
+    prompt_logprobs: Any = None
 
-    @field_validator("prompt_embeds")
-    @classmethod
-    def _no_client_embeddings(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("prompt_embeds are not accepted by this endpoint; send text or token ids")
-        return value
+    @model_validator(mode="after")
+    def _refuse(self) -> "_Request":
+        for name in sorted(FIELD_RULES[self.endpoint].refused):
+            value = getattr(self, name, None)
+            if value is not None and value is not False:
+                raise ValueError(f"{name}: {_REFUSALS.get(name, 'not accepted by this endpoint')}")
+        return self
+
+    def upstream_fields(self, include_classified: bool) -> dict[str, Any]:
+        """What may go to vLLM: the forwarded parameters the client set (and, unflagged, the content),
+        as parsed, so a value travels in the form the proxy decided on."""
+        rule = FIELD_RULES[self.endpoint]
+        allowed = rule.forwarded | (rule.classified if include_classified else frozenset())
+        return self.model_dump(mode="json", include=set(allowed), exclude_unset=True)
 
 
-class CompletionRequest(_GenerationRequest):
+_REFUSALS = {
+    "prompt_embeds": "prompt_embeds are not accepted by this endpoint; send text or token ids",
+    "prompt_logprobs": "prompt_logprobs are not available through this proxy",
+    "echo": "echo is not available through this proxy",
+    "suffix": "suffix is not supported",
+    "chat_template": "a request may not replace the chat template",
+    "truncate_prompt_tokens": "prompt truncation is not available through this proxy; send a shorter prompt",
+    "truncation_side": "prompt truncation is not available through this proxy; send a shorter prompt",
+}
+
+
+class CompletionRequest(_Request):
+    endpoint: ClassVar[Endpoint] = "completions"
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = False
     logprobs: int | None = None
+    echo: bool | None = False
+    suffix: Any = None
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(_Request):
+    endpoint: ClassVar[Endpoint] = "chat"
+
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
     documents: list[dict[str, Any]] | None = None
-    chat_template: None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -96,28 +230,44 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+    include_reasoning: Any = None
+    reasoning_effort: Any = None
+    return_prompt_text: bool | None = None
+    chat_template: Any = None
+    media_io_kwargs: Any = None
+    mm_processor_kwargs: Any = None
 
-    @field_validator("chat_template", mode="before")
-    @classmethod
-    def _no_client_template(cls, value: Any) -> None:
-        if value is not None:
-            raise ValueError("a request may not replace the chat template")
-        return None
+    @model_validator(mode="after")
+    def _no_tool_calling(self) -> "ChatCompletionRequest":
+        # Tools the model may call would need their calls parsed back on the flagged path too; until
+        # then tool calling is refused on every request alike, so the refusal says nothing of a verdict.
+        # Tools with tool_choice "none" are only rendered into the prompt (and read by the gate).
+        if self.tools is not None and self.tool_choice != "none":
+            raise ValueError("tool_choice: tool calling is not available through this proxy; "
+                             "send tools with tool_choice \"none\" or no tools")
+        if self.tools is None and self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice: when using `tool_choice`, `tools` must be set")
+        return self
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-def error_response(
-    status: int,
-    message: str,
-    error_type: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+                404: "NotFoundError", 405: "MethodNotAllowedError", 413: "RequestTooLargeError",
+                500: "InternalServerError", 503: "ServiceUnavailableError", 504: "TimeoutError"}
+
+
+def error_body(status: int, message: str, error_type: str | None = None, param: str | None = None) -> dict:
     """An error body in the shape OpenAI (and vLLM) use."""
-    default_types = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                     503: "ServiceUnavailableError"}
-    error_type = error_type or default_types.get(status, "InternalServerError")
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return {"error": {"message": message, "type": error_type or _ERROR_TYPES.get(status, "InternalServerError"),
+                      "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, error_type: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, error_type, param), status_code=status, headers=headers)
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
@@ -125,7 +275,7 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     location = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
+    if not location and ": " in message:  # a model-level check names its field first
+        location = message.split(": ", 1)[0]
+        message = message.split(": ", 1)[1]
     return (f"{location}: {message}" if location else message), (location or None)
-
-
-Endpoint = Literal["completions", "chat"]

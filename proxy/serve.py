@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer
 
 from classifier.encoder import DEFAULT_CACHE_SIZE, EncoderPool
+from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, EmbeddingCheckUnavailable
 from corruption.embeddings import EmbeddingError, EmbeddingTable
 from proxy.app import ProxyState, create_app
 from proxy.backend import VllmServer, backend_is_ready
@@ -26,7 +27,7 @@ from proxy.model_prep import DEFAULT_MODEL_NAME, cache_dir, prepare_default_mode
 from proxy.observability import AuditLog, Metrics
 from proxy.policy import PolicyError, load_policy
 from proxy.prompts import PromptBuilder
-from proxy.upstream import Upstream
+from proxy.upstream import BackendUnavailable, Upstream
 
 log = logging.getLogger("eco-proxy")
 
@@ -46,8 +47,17 @@ class ServeSettings(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     secret_key: str | None = Field(default=None, repr=False)
     admin_key: str | None = Field(default=None, repr=False)
+    # Client keys for /v1/* (bearer tokens): repeat the option, or comma-separate them in ECO_API_KEY.
+    api_key: list[str] = Field(default_factory=list, repr=False)
+    api_key_file: Path | None = None  # more client keys, one per line
+    upstream_api_key: str | None = Field(default=None, repr=False)  # for a vLLM started with --api-key
+    metrics_key: str | None = Field(default=None, repr=False)  # bearer key for /metrics; unset: /metrics is off
+    max_body_bytes: int | None = Field(default=None, ge=1024)  # unset: sized from the backend's context length
+    classify_timeout: float = Field(default=10.0, gt=0)  # seconds; then the targets' fail modes decide
     audit_log: str | None = None  # a file path, or "-" for standard output
     embedding_scale: float | None = None  # only for architectures the proxy does not know
+    # Start without asking the backend whether it reads the proxy's embeddings as it reads text.
+    skip_embedding_check: bool = False
     classifier_cache_size: int = Field(default=DEFAULT_CACHE_SIZE, ge=0)  # texts whose encoding is kept; 0: none
     # CPU threads for the classifier and the corruption math. One suits a proxy that shares its cores with vLLM
     # (vLLM's CPU build keeps its cores busy between steps, which stalls a multi-threaded pass) or a small pod.
@@ -57,6 +67,7 @@ class ServeSettings(BaseModel):
 
 
 ENV_PREFIX = "ECO_"
+EXIT_EMBEDDING_CHECK_FAILED = 3
 
 
 def _secret_key(configured: str | None) -> bytes:
@@ -75,6 +86,7 @@ def _secret_key(configured: str | None) -> bytes:
 
 def run(settings: ServeSettings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per backend request
     model_dir = settings.model_dir or prepare_default_model()
     vllm: VllmServer | None = None
     previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -90,10 +102,9 @@ def run(settings: ServeSettings) -> int:
         state = _build_state(settings, model_dir, backend_url)
         if vllm is not None:
             vllm.wait_ready()
-        elif not backend_is_ready(backend_url):
-            log.warning("backend %s is not reachable yet; /ready reports 503 until it is", backend_url)
-        _serve_http(state, settings)
-        return 0
+        if not _check_embeddings_at_start(state, settings, backend_url, backend_ready=vllm is not None):
+            return EXIT_EMBEDDING_CHECK_FAILED
+        return _serve_http(state, settings)
     except (PolicyError, EmbeddingError) as exc:
         log.error("%s", exc)
         return 2
@@ -116,33 +127,119 @@ def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> 
     policy = load_policy(settings.policy, encoders, embeddings.hidden_size)
     metrics = Metrics()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return ProxyState(
+    state = ProxyState(
         policy=policy,
         policy_path=str(settings.policy),
         served_model_name=settings.served_model_name,
         builder=PromptBuilder(tokenizer),
         guard=Guard(embeddings, _secret_key(settings.secret_key), metrics),
-        upstream=Upstream(backend_url),
+        upstream=Upstream(backend_url, api_key=settings.upstream_api_key),
         metrics=metrics,
         audit=AuditLog(settings.audit_log),
         admin_key=settings.admin_key,
+        api_keys=_client_keys(settings),
+        metrics_key=settings.metrics_key,
+        max_body_bytes=settings.max_body_bytes,
+        classify_timeout=settings.classify_timeout,
         encoders=encoders,
+        # What /ready shows and what a policy reload or a backend restart runs again.
+        embedding_checker=EmbeddingCheck(tokenizer, embeddings, settings.served_model_name),
     )
+    state.record_embedding_check(EmbeddingCheckResult.pending(backend_url, embeddings, settings.served_model_name))
+    return state
 
 
-def _serve_http(state: ProxyState, settings: ServeSettings) -> None:
+def _client_keys(settings: ServeSettings) -> tuple[str, ...]:
+    keys = list(settings.api_key)
+    if settings.api_key_file is not None:
+        try:
+            lines = settings.api_key_file.read_text().splitlines()
+        except OSError as exc:
+            raise PolicyError(f"--api-key-file: cannot read {settings.api_key_file}: {exc.strerror}") from exc
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return tuple(keys)
+
+
+def _check_embeddings_at_start(state: ProxyState, settings: ServeSettings, backend_url: str,
+                               backend_ready: bool) -> bool:
+    """Before the proxy reports ready: does the backend read our uncorrupted embeddings as it reads text?
+    False: a mismatch, the start stops. A backend not reachable yet is checked as soon as it answers."""
+    if settings.skip_embedding_check:
+        result = EmbeddingCheckResult.skipped(state.guard.embeddings, settings.served_model_name)
+        state.record_embedding_check(result)
+        log.warning("!!! --skip-embedding-check / %sSKIP_EMBEDDING_CHECK is set: %s. If the backend's vLLM "
+                    "scales input embeddings otherwise, every flagged prompt is corrupted wrongly and nothing "
+                    "reports it. !!!", ENV_PREFIX, result.message)
+        return True
+    if not backend_ready and not backend_is_ready(backend_url):
+        log.warning("backend %s is not reachable yet; /ready reports 503 until it answers and the embedding "
+                    "check has passed", backend_url)
+        return True
+    try:
+        result = state.embedding_checker.run(backend_url)
+    except EmbeddingCheckUnavailable as exc:
+        log.warning("%s; it runs again once the backend answers, /ready reports 503 until then", exc)
+        return True
+    state.record_embedding_check(result)
+    if result.status == "failed":
+        log.error("%s", result.message)
+        return False
+    log.info("%s", result.message)
+    return True
+
+
+async def _check_when_backend_answers(state: ProxyState, settings: ServeSettings, server: uvicorn.Server,
+                                      outcome: dict[str, int], poll: float = 5.0) -> None:
+    """The start-up check for a backend that was not reachable at start: a mismatch stops the proxy."""
+    while True:
+        try:
+            status, _ = await state.upstream.get_json("/v1/models")
+            if status == 200:
+                result = await asyncio.to_thread(state.embedding_checker.run, state.upstream.base_url)
+                break
+        except (BackendUnavailable, ValueError, EmbeddingCheckUnavailable):
+            pass
+        await asyncio.sleep(poll)
+    state.record_embedding_check(result)
+    if result.status == "failed":
+        log.error("%s", result.message)
+        outcome["code"] = EXIT_EMBEDDING_CHECK_FAILED
+        server.should_exit = True
+        return
+    log.info("%s", result.message)
+    _print_ready(state, settings)
+
+
+def _print_ready(state: ProxyState, settings: ServeSettings) -> None:
+    print(f"eco-proxy ready: http://{settings.host}:{settings.port}/v1 (model {settings.served_model_name}, "
+          f"policy {state.policy.version}, embedding check {state.embedding_check.status})", flush=True)
+
+
+def _serve_http(state: ProxyState, settings: ServeSettings) -> int:
+    outcome = {"code": 0}
+    server: uvicorn.Server
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, lambda: asyncio.ensure_future(_reload_on_sighup(state)))
-        print(f"eco-proxy ready: http://{settings.host}:{settings.port}/v1 (model {settings.served_model_name}, "
-              f"policy {state.policy.version})", flush=True)
+        waiting = None
+        if state.embedding_check.status == "pending":
+            print(f"eco-proxy listening on http://{settings.host}:{settings.port}; not ready until the backend "
+                  "answers and the embedding check passes", flush=True)
+            waiting = asyncio.create_task(_check_when_backend_answers(state, settings, server, outcome))
+        else:
+            _print_ready(state, settings)
         yield
+        if waiting is not None:
+            waiting.cancel()
         await state.upstream.aclose()
         state.audit.close()
 
     app = create_app(state, lifespan=lifespan)
-    uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")).run()
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server.run()
+    return outcome["code"]
 
 
 async def _reload_on_sighup(state: ProxyState) -> None:

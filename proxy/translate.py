@@ -9,24 +9,25 @@ from __future__ import annotations
 
 from typing import Any
 
-# Chat fields that are spent on rendering the prompt or that have another name on /v1/completions.
+from proxy.protocol import ChatCompletionRequest
+
+# Chat parameters with no completions counterpart (spent on the prompt or on the chat shape), and the
+# chat names of the output limit and log-probabilities, which completions spells otherwise.
 _CHAT_ONLY_FIELDS = {
-    "messages", "tools", "tool_choice", "parallel_tool_calls", "documents", "chat_template",
-    "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-    "echo", "logprobs", "top_logprobs", "max_completion_tokens", "max_tokens", "reasoning_effort",
-    "thinking_token_budget", "include_reasoning", "media_io_kwargs", "mm_processor_kwargs",
-    "return_prompt_text", "prompt_embeds",
+    "max_completion_tokens", "max_tokens", "logprobs", "top_logprobs", "tool_choice", "parallel_tool_calls",
+    "include_reasoning", "reasoning_effort", "echo", "return_prompt_text",
 }
 
 
-def chat_body_as_completion(chat: dict[str, Any], prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
-    """The completions body for a chat request, all but its `prompt_embeds`."""
-    body = {k: v for k, v in chat.items() if k not in _CHAT_ONLY_FIELDS}
-    limit = chat.get("max_completion_tokens") or chat.get("max_tokens")
+def chat_request_as_completion(request: ChatCompletionRequest, prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
+    """The completions body for a flagged chat request, all but its `prompt_embeds`: its forwarded
+    parameters only, as parsed (never the client's raw JSON)."""
+    body = {k: v for k, v in request.upstream_fields(include_classified=False).items() if k not in _CHAT_ONLY_FIELDS}
+    limit = request.output_limit
     # Chat's default is "up to the context length"; completions' would be 16 tokens.
     body["max_tokens"] = limit if limit is not None else max(max_model_len - prompt_tokens, 1)
-    if chat.get("logprobs"):
-        body["logprobs"] = chat.get("top_logprobs") or 0
+    if request.logprobs:
+        body["logprobs"] = request.top_logprobs or 0
     return body
 
 
@@ -51,7 +52,8 @@ def _chat_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"content": content}
 
 
-def completion_as_chat(completion: dict[str, Any], echo_prefix: str = "") -> dict[str, Any]:
+def completion_as_chat(completion: dict[str, Any], echo_prefix: str = "", prompt_token_ids: list[int] | None = None,
+                       prompt_text: str | None = None) -> dict[str, Any]:
     choices = [
         {
             "index": choice["index"],
@@ -82,8 +84,8 @@ def completion_as_chat(completion: dict[str, Any], echo_prefix: str = "") -> dic
         "system_fingerprint": completion.get("system_fingerprint"),
         "usage": completion.get("usage"),
         "prompt_logprobs": None,
-        "prompt_token_ids": None,
-        "prompt_text": None,
+        "prompt_token_ids": prompt_token_ids,
+        "prompt_text": prompt_text,
         "kv_transfer_params": completion.get("kv_transfer_params"),
         "ec_transfer_params": completion.get("ec_transfer_params"),
         "metrics": completion.get("metrics"),
@@ -91,28 +93,40 @@ def completion_as_chat(completion: dict[str, Any], echo_prefix: str = "") -> dic
 
 
 class ChatStreamTranslator:
-    """Turns `text_completion` stream events into `chat.completion.chunk` events."""
+    """Turns `text_completion` stream events into `chat.completion.chunk` events, as vLLM's chat
+    endpoint writes them: a role chunk first (carrying the prompt's token ids and text when asked
+    for, and zero usage when usage is reported on every chunk), then one chunk per event."""
 
-    def __init__(self, echo_prefix: str = ""):
+    def __init__(self, echo_prefix: str = "", prompt_token_ids: list[int] | None = None,
+                 prompt_text: str | None = None, continuous_usage: bool = False):
         self._started: set[int] = set()
         self._echo_prefix = echo_prefix
+        self._prompt_token_ids = prompt_token_ids
+        self._prompt_text = prompt_text
+        self._continuous_usage = continuous_usage
 
     def translate(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         head = {"id": chat_id(event["id"]), "object": "chat.completion.chunk",
                 "created": event["created"], "model": event["model"]}
         if not event["choices"]:  # the usage chunk
             return [{**head, "choices": [], **{k: event[k] for k in ("usage", "system_fingerprint") if k in event}}]
+        usage = {"usage": event["usage"]} if event.get("usage") is not None else {}
         out = []
         for choice in event["choices"]:
             index = choice["index"]
             if index not in self._started:
                 self._started.add(index)
-                out.append({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}],
-                            "prompt_token_ids": None, "prompt_text": None})
+                role = {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}],
+                        "prompt_token_ids": self._prompt_token_ids, "prompt_text": self._prompt_text}
+                if self._continuous_usage and usage:
+                    prompt_tokens = usage["usage"]["prompt_tokens"]
+                    role["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens,
+                                     "completion_tokens": 0, "prompt_tokens_details": None}
+                out.append(role)
                 if self._echo_prefix:
                     out.append(self._content_chunk(head, index, self._echo_prefix, {}))
-            out.append(self._content_chunk(head, index, choice["text"], choice))
+            out.append({**self._content_chunk(head, index, choice["text"], choice), **usage})
         return out
 
     @staticmethod

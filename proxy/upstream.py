@@ -9,16 +9,22 @@ import httpx
 
 
 class BackendUnavailable(Exception):
-    """vLLM could not be reached (refused, reset, timed out on connect)."""
+    """vLLM could not be reached (refused, reset, timed out on connect). The message names no address:
+    it is shown to clients."""
 
 
 class Upstream:
-    def __init__(self, base_url: str, timeout: float = 600.0):
+    """`api_key`: the key of a vLLM started with `--api-key` (sent as a bearer token)."""
+
+    def __init__(self, base_url: str, timeout: float = 600.0, api_key: str | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.base_url = base_url.rstrip("/")
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
+            headers={"authorization": f"Bearer {api_key}"} if api_key else None,
             timeout=httpx.Timeout(timeout, connect=5.0),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            transport=transport,
         )
 
     async def aclose(self) -> None:
@@ -38,7 +44,7 @@ class Upstream:
         try:
             return await self._client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise BackendUnavailable(f"the model backend at {self.base_url} is unreachable ({type(exc).__name__})") from exc
+            raise BackendUnavailable("the model backend is unreachable") from exc
 
     async def get_json(self, path: str) -> tuple[int, Any]:
         response = await self.open("GET", path)

@@ -42,6 +42,9 @@ RETAIN = [
 ]
 
 
+METRICS_KEY = "test-metrics-key"
+
+
 def train_tiny_policy(directory: Path, version: str = "test-1", corruption: str | None = None) -> Path:
     """A classifier trained on a dozen examples per side, and a policy that uses it."""
     from classifier.model import PromptClassifier
@@ -61,6 +64,7 @@ def train_tiny_policy(directory: Path, version: str = "test-1", corruption: str 
         "    threshold: 0.5\n"
         f"    corruption: {corruption}\n"
         "    fail_mode: closed\n"
+        "headers: full\n"
     )
     return policy
 
@@ -100,6 +104,7 @@ def start_proxy(policy: Path, backend_url: str, model_dir: Path, served_model_na
         "ECO_PORT": str(port),
         "ECO_SECRET_KEY": "test-secret",
         "ECO_ADMIN_KEY": admin_key,
+        "ECO_METRICS_KEY": METRICS_KEY,
         "ECO_AUDIT_LOG": str(audit_path),
         "HF_HUB_OFFLINE": "1",
         **(extra_env or {}),

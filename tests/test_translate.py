@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.translate import ChatStreamTranslator, chat_body_as_completion, completion_as_chat
+from proxy.protocol import ChatCompletionRequest
+from proxy.translate import ChatStreamTranslator, chat_request_as_completion, completion_as_chat
 
 pytestmark = pytest.mark.unit
 
@@ -18,19 +19,22 @@ COMPLETION = {
 }
 
 
-def test_request_drops_chat_fields_and_keeps_sampling():
-    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0.3, "seed": 5,
-            "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2, "tools": [], "stop": ["\n"],
-            "stream": True, "stream_options": {"include_usage": True}, "some_vendor_field": 1}
-    body = chat_body_as_completion(chat, prompt_tokens=10, max_model_len=100)
+def test_request_drops_chat_fields_and_unknown_ones_and_keeps_sampling():
+    chat = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0.3, "seed": 5,
+        "max_completion_tokens": 9, "logprobs": True, "top_logprobs": 2, "stop": ["\n"], "stream": True,
+        "stream_options": {"include_usage": True}, "some_vendor_field": 1, "prompt": "raw text"})
+    body = chat_request_as_completion(chat, prompt_tokens=10, max_model_len=100)
     assert body == {"model": "m", "temperature": 0.3, "seed": 5, "stop": ["\n"], "stream": True,
-                    "stream_options": {"include_usage": True}, "some_vendor_field": 1,
-                    "max_tokens": 9, "logprobs": 2}
+                    "stream_options": {"include_usage": True}, "max_tokens": 9, "logprobs": 2}
 
 
-def test_request_default_length_is_the_rest_of_the_context():
-    body = chat_body_as_completion({"model": "m", "messages": []}, prompt_tokens=30, max_model_len=100)
+def test_request_default_length_is_the_rest_of_the_context_and_zero_stays_zero():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    body = chat_request_as_completion(ChatCompletionRequest.model_validate(chat), prompt_tokens=30, max_model_len=100)
     assert body["max_tokens"] == 70 and "logprobs" not in body
+    zero = ChatCompletionRequest.model_validate({**chat, "max_completion_tokens": 0, "max_tokens": 5})
+    assert chat_request_as_completion(zero, prompt_tokens=30, max_model_len=100)["max_tokens"] == 0
 
 
 def test_response_in_chat_shape():

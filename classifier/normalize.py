@@ -1,0 +1,203 @@
+"""What a prompt says once disguises are undone, so the gate scores meaning rather than spelling.
+
+`canonical` undoes what never changes meaning: compatibility forms (NFKC), invisible
+characters, and look-alike letters from another script inside a Latin word (the Unicode
+confusables data, through `confusable_homoglyphs`). Genuine non-Latin text keeps its script.
+
+`variants` adds readings that may or may not be meant: letters spaced apart joined again,
+punctuation inside words dropped, leetspeak read as letters, and a Latin transliteration of
+other scripts (`anyascii`). The gate scores every variant and keeps the highest, so a wrong
+reading costs nothing but a score. Plain text takes a fast path and yields itself alone.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+
+from anyascii import anyascii
+from confusable_homoglyphs.categories import alias
+from confusable_homoglyphs.confusables import confusables_data
+
+# Invisible in rendering, so free to sprinkle inside a word: format characters (category Cf,
+# which holds the soft hyphen, zero-width space/joiners, bidi controls and tag characters),
+# variation selectors, the combining grapheme joiner and the Hangul fillers.
+_INVISIBLE_MARKS = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0x180B, 0x1810), *range(0xFE00, 0xFE10),
+     *range(0xE0100, 0xE01F0)])
+# Combining marks left on a Latin letter after NFKC composed what it could: strike-through or
+# "zalgo" overlays (marks on other scripts' letters are left alone).
+_OVERLAY = re.compile(r"([A-Za-z\u00C0-\u024F\u1E00-\u1EFF])"
+                      r"[\u0300-\u036F\u1AB0-\u1AFF\u1DC0-\u1DFF\u20D0-\u20FF\uFE20-\uFE2F]+")
+_NEUTRAL_SCRIPTS = frozenset({"COMMON", "INHERITED", "Unknown"})
+_ASCII_LETTERS = re.compile(r"[A-Za-z]+")
+_LATIN_EXTENDED = re.compile(r"[\u00C0-\u024F\u1E00-\u1EFF]")  # accented Latin letters
+# A word with a letter outside ASCII (tried only where a word starts, so that a miss costs one pass).
+_FOREIGN_WORD = re.compile(r"(?<![^\W\d_])[^\W\d_]*?[^\x00-\x7f\W\d_][^\W\d_]*")
+
+
+@lru_cache(maxsize=1)
+def _invisible() -> re.Pattern[str]:
+    """One character class of every invisible character (re has no class for category Cf). Format
+    characters live in the first two planes and in plane 14 (tags), so only those are scanned."""
+    codes = sorted(_INVISIBLE_MARKS | {c for c in [*range(0x20000), *range(0xE0000, 0xE1000)]
+                                       if unicodedata.category(chr(c)) == "Cf"})
+    ranges: list[list[int]] = []
+    for code in codes:
+        if ranges and code == ranges[-1][1] + 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return re.compile("[" + "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "")
+                                    for a, b in ranges) + "]+")
+
+
+@lru_cache(maxsize=4096)
+def _script(char: str) -> str:
+    return alias(char)
+
+
+@lru_cache(maxsize=4096)
+def _latin_skeleton(char: str, direct: bool) -> str | None:
+    """The ASCII letters `char` is confusable with, or None; `direct` allows no second hop."""
+    frontier, seen = [char], {char}
+    for _ in range(1 if direct else 2):
+        following = []
+        for glyph in frontier:
+            for entry in confusables_data.get(glyph, ()):
+                candidate = entry["c"]
+                if candidate.isascii() and candidate.isalpha():
+                    return candidate
+                if candidate not in seen and len(candidate) == 1:
+                    seen.add(candidate)
+                    following.append(candidate)
+        frontier = following
+    return None
+
+
+@lru_cache(maxsize=65536)
+def _fold_word(word: str, latin_text: bool) -> str:
+    """Look-alikes folded to Latin in a word that mixes Latin with another script, or, inside a
+    mostly Latin text, in a word made only of direct look-alikes of Latin letters."""
+    scripts = {_script(c) for c in word} - _NEUTRAL_SCRIPTS
+    if scripts == {"LATIN"} or not scripts:
+        return word
+    if "LATIN" in scripts:
+        return "".join(c if _script(c) in _NEUTRAL_SCRIPTS | {"LATIN"} else _latin_skeleton(c, False) or c
+                       for c in word)
+    if latin_text and len(word) > 1:
+        folded = [_latin_skeleton(c, True) for c in word]
+        if all(folded):
+            return "".join(folded)  # type: ignore[arg-type]
+    return word
+
+
+def canonical(text: str) -> str:
+    """NFKC, invisible characters removed, cross-script look-alikes inside Latin words folded."""
+    if text.isascii():
+        return text  # NFKC leaves ASCII alone and ASCII has no format characters or look-alikes
+    text = _OVERLAY.sub(r"\1", _invisible().sub("", unicodedata.normalize("NFKC", text)))
+    foreign = "".join(_FOREIGN_WORD.findall(text))
+    if not foreign:
+        return text
+    ascii_letters = sum(map(len, _ASCII_LETTERS.findall(text)))
+    other = len(foreign) - len(foreign.encode("ascii", "ignore"))
+    latin_text = (ascii_letters + len(_LATIN_EXTENDED.findall(foreign))) * 2 > ascii_letters + other
+    return _FOREIGN_WORD.sub(lambda m: _fold_word(m.group(), latin_text), text)
+
+
+_anyascii = lru_cache(maxsize=65536)(anyascii)
+
+
+def _transliterated(text: str) -> str:
+    return _FOREIGN_WORD.sub(lambda m: _anyascii(m.group()), text)
+
+
+# -- variants ------------------------------------------------------------------------------
+_LEET = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g",
+         "@": "a", "$": "s", "|": "l", "!": "i", "€": "e"}
+_LEET_SYMBOLS = "@$|!€"
+_LEET_SYMBOLS_IN = re.compile(r"[@$|!€]")
+_LEET_CHAR = re.compile(r"[0-9@$|!€]")
+_LEET_TOUCH = re.compile(r"[^\W\d_][0-9@$|!€]|[0-9@$|!€][^\W\d_]")
+# A word in which a letter touches a digit or a symbol that leetspeak uses for a letter.
+_LEET_WORD = re.compile(r"(?<![\w@$|!€])[\w@$|!€]*?(?:[^\W\d_][0-9@$|!€]|[0-9@$|!€][^\W\d_])[\w@$|!€]*")
+# Words whose digits are meant as digits: quantities (3rd, 4K, 10am, 5min) and model numbers (mp3, Python3).
+_QUANTITY = re.compile(r"\d+(?:st|nd|rd|th|s|am|pm|k|m|g|x|d|h|p|c|f|l|v|w|px|kg|km|cm|mm|ml|mg|gb|mb|tb|hz|kw|fps|mph"
+                       r"|min|mins|sec|secs|ms|hr|hrs|yr|yrs|lb|lbs|oz|ft)", re.IGNORECASE)
+_MODEL_NUMBER = re.compile(r"[^\W\d_]+\d+")
+# Three or more single characters with separators between them: "V o l d e m o r t", "D.r.a.c.o".
+_SPACED = re.compile(r"(?<![^\W_])[^\W_](?:[ .\-_*·•~+/|:]{1,3}[^\W_](?![^\W_])){2,}")
+_SEPARATOR = re.compile(r"[ .\-_*·•~+/|:]{1,3}")
+_INNER_PUNCTUATION = re.compile(r"([^\W\d_])[.·•*_~^:]+(?=[^\W\d_])")
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z][a-z])")
+
+
+def _leet_core(token: str) -> str | None:
+    """The part of a word that leetspeak may spell, or None: a trailing "!" or a leading "@" is
+    punctuation, and a quantity is a number."""
+    core = token.strip(_LEET_SYMBOLS)
+    if not core or not any(c.isalpha() for c in core) or not _LEET_CHAR.search(core) or _QUANTITY.fullmatch(core):
+        return None
+    return core
+
+
+def _unleet(text: str) -> str:
+    """Leetspeak read as letters in every word that mixes them, once one word that is not a model
+    number (mp3) shows that the text is leetspeak."""
+    if not _LEET_TOUCH.search(text):
+        return text
+    words = [(m, _leet_core(m.group())) for m in _LEET_WORD.finditer(text)]
+    if not any(core and (not _MODEL_NUMBER.fullmatch(core) or _LEET_SYMBOLS_IN.search(core)) for _, core in words):
+        return text
+    pieces, at = [], 0
+    for match, core in words:
+        if core:
+            start = match.start() + match.group().index(core)
+            pieces += [text[at:start], "".join(_LEET.get(c, c) for c in core)]
+            at = start + len(core)
+    return "".join(pieces) + text[at:]
+
+
+def _join_run(match: re.Match[str]) -> str:
+    """Single characters joined; a word ends at a separator unlike the usual one that has a space in it
+    (or is longer, when the usual one is a space), and where a capital follows a small letter."""
+    run = match.group()
+    separators = _SEPARATOR.findall(run)
+    pieces = _SEPARATOR.split(run)
+    if sum(p.isalpha() for p in pieces) < 2:
+        return run
+    usual = max(sorted(set(separators)), key=separators.count)
+
+    def breaks(separator: str) -> bool:
+        if separator == usual:
+            return False
+        return len(separator) > len(usual) if " " in usual else " " in separator
+
+    joined = pieces[0] + "".join((" " if breaks(s) else "") + p for s, p in zip(separators, pieces[1:]))
+    return _CAMEL.sub(" ", joined)
+
+
+def _join_spacing(text: str) -> str:
+    return _SPACED.sub(_join_run, text)
+
+
+def _drop_inner_punctuation(text: str) -> str:
+    return _INNER_PUNCTUATION.sub(r"\1", text)
+
+
+def variants(text: str, limit: int = 6) -> list[str]:
+    """`canonical(text)` first, then the distinct readings of it that undo obfuscation (at most `limit`)."""
+    base = canonical(text)
+    joined = _drop_inner_punctuation(_join_spacing(base))
+    base_unleet = _unleet(base)
+    candidates = [base, base_unleet if joined == base else _unleet(joined), joined, base_unleet]
+    if _FOREIGN_WORD.search(base):
+        candidates.append(_transliterated(base))
+        if candidates[1] != base:
+            candidates.append(_transliterated(candidates[1]))
+    unique: list[str] = []
+    for candidate in candidates:
+        if candidate not in unique:
+            unique.append(candidate)
+    return unique[:limit]

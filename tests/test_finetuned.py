@@ -1,0 +1,167 @@
+"""The fine-tuned gate on a toy task: learning, the cascade, calibration, artifacts, concurrency, CLI."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from classifier import cli, load_classifier
+from classifier.cascade import recall_threshold
+from classifier.finetuned import FineTunedClassifier, text_pieces
+
+pytestmark = pytest.mark.unit
+
+_SKY = ["the Andromeda galaxy", "a red dwarf star", "the rings of Saturn", "a distant quasar", "the Orion nebula",
+        "a neutron star", "the Kuiper belt", "a comet's tail", "Jupiter's moons", "a black hole"]
+_KITCHEN = ["a sourdough loaf", "a tomato sauce", "roast potatoes", "a lemon tart", "a vegetable curry",
+            "fresh pasta", "a pancake batter", "a beef stew", "a chocolate cake", "a mushroom risotto"]
+_FRAMES = ["Tell me about {}.", "What should I know about {}?", "Explain {} to a child.",
+           "Write a short note on {}.", "Give me three facts about {}.", "How would you describe {}?"]
+SKY = [frame.format(topic) for topic, frame in itertools.product(_SKY, _FRAMES)]  # 60 each, forget
+KITCHEN = [frame.format(topic) for topic, frame in itertools.product(_KITCHEN, _FRAMES)]  # retain
+TINY = {"epochs": 1, "max_length": 16, "batch_size": 4, "learning_rate": 1e-4, "head_learning_rate": 1e-2,
+        "stage1_features": 2**12, "max_minutes": None}
+
+
+def _calibration_prompts() -> tuple[list[list[str]], list[int], list[str]]:
+    """Held-out prompts (each its own one segment); retain in two groups of 15."""
+    return [[t] for t in SKY[1::2] + KITCHEN[1::2]], [1] * 30 + [0] * 30, ["direct"] * 30 + ["recipes", "meals"] * 15
+
+
+@pytest.fixture(scope="module")
+def fitted() -> FineTunedClassifier:
+    train = SKY[0::2][:20] + KITCHEN[0::2][:20]
+    classifier = FineTunedClassifier(**TINY).fit(train, [1] * 20 + [0] * 20)
+    prompts, labels, groups = _calibration_prompts()
+    return classifier.calibrate(prompts, labels, groups, alpha=0.2, delta=0.2)
+
+
+def test_a_tiny_fine_tune_learns_a_separable_task(fitted):
+    held_out = SKY[1::2] + KITCHEN[1::2]
+    assert roc_auc_score([1] * 30 + [0] * 30, fitted.score(held_out)) > 0.95
+    assert fitted.metrics_["training"]["epochs_run"] == 1 and fitted.metrics_["train_n"]["forget"] == 20
+    assert set(fitted.group_thresholds_) == {"recipes", "meals"}
+    assert fitted.threshold_ == max(entry["threshold"] for entry in fitted.group_thresholds_.values())
+    assert fitted.metrics_["stage1"]["forget_kept"] >= 0.995
+
+
+def test_fit_is_deterministic_and_a_saved_fit_scores_bit_for_bit_the_same(tmp_path):
+    texts, labels = SKY[:4] + KITCHEN[:4], [1] * 4 + [0] * 4
+    settings = {**TINY, "batch_size": 8}
+    before = torch.random.get_rng_state()
+    first = FineTunedClassifier(**settings).fit(texts, labels)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    second = FineTunedClassifier(**settings).fit(texts, labels)
+    for (name, a), b in zip(first.model_.state_dict().items(), second.model_.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert first.training_hash_ == second.training_hash_
+    texts = SKY[::5] + KITCHEN[::5]
+    loaded = load_classifier(first.save(tmp_path / "first"))
+    assert np.array_equal(loaded.score(texts), first.score(texts))
+
+
+def test_artifact_round_trip_without_pickle(fitted, tmp_path):
+    fitted.entities_ = ["Andromeda", "Saturn"]
+    artifact = fitted.save(tmp_path / "artifact")
+    names = {path.name for path in artifact.iterdir()}
+    assert {"classifier.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= names
+    assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    meta = json.loads((artifact / "classifier.json").read_text())
+    assert (meta["format"], meta["kind"], meta["bert_config"]["model_type"]) == (3, "finetuned", "bert")
+    loaded = load_classifier(artifact)
+    assert loaded.kind == "finetuned" and isinstance(loaded, FineTunedClassifier)
+    texts = SKY[::7] + KITCHEN[::7] + ["H4rry-style l33t about the Andr0meda galaxy", "a " * 300]
+    # the fixture remembers pieces scored during calibration, in other batches: the last digits may differ
+    assert np.allclose(loaded.score(texts), fitted.score(texts), rtol=0, atol=1e-6)
+    assert (loaded.threshold_, loaded.stage1_threshold_, loaded.entities_) == (
+        fitted.threshold_, fitted.stage1_threshold_, ["Andromeda", "Saturn"])
+    assert loaded.score_segments([KITCHEN[0], SKY[0]]) == loaded.score([SKY[0]])[0]
+    loaded.save(tmp_path / "again")  # a loaded artifact saves itself whole (its own tokenizer files)
+    assert np.array_equal(load_classifier(tmp_path / "again").score(texts), loaded.score(texts))
+
+
+def test_the_cascade_clears_benign_pieces_without_the_encoder(fitted, tmp_path):
+    classifier = load_classifier(fitted.save(tmp_path / "artifact"), cache_size=0)
+    runner = classifier._runner()
+    calls: list[list[str]] = []
+    forward = runner.forward
+    runner.forward = lambda texts, **kw: calls.append(texts) or forward(texts, **kw)
+    benign = "How long should I knead a sourdough loaf before it rests?"
+    assert classifier.stage1_.decision(text_pieces(benign)).max() < classifier.stage1_threshold_
+    assert classifier.score([benign])[0] == 0.0 and calls == []
+    assert classifier.score([SKY[3]])[0] > 0.5 and calls == [[SKY[3]]]
+
+
+def test_recall_threshold_keeps_the_asked_share_of_texts():
+    best = np.arange(1000, dtype=float)
+    threshold = recall_threshold(best, 0.995)
+    assert np.mean(best >= threshold) >= 0.995 and threshold == 5.0
+    assert recall_threshold([3.0, 1.0, 2.0], 0.995) == 1.0  # too few texts to miss any
+
+
+def test_concurrent_callers_get_what_they_get_one_at_a_time(fitted, tmp_path):
+    classifier = load_classifier(fitted.save(tmp_path / "artifact"), cache_size=0)
+    classifier.stage1_threshold_ = None  # every piece reaches the encoder: the shared passes are what is tested
+    prompts = [[text, KITCHEN[i]] for i, text in enumerate(SKY[:16])]
+    alone = [classifier.score_segments(prompt) for prompt in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(classifier.score_segments, prompts))
+    assert np.allclose(together, alone, rtol=0, atol=1e-6)  # batch padding may move the last digits
+
+
+def test_a_logistic_artifact_of_format_2_still_loads(tmp_path):
+    from classifier.model import PromptClassifier
+
+    artifact = PromptClassifier(random_state=0).fit(SKY[:10] + KITCHEN[:10], [1] * 10 + [0] * 10).save(tmp_path / "l")
+    assert json.loads((artifact / "classifier.json").read_text())["format"] == 2
+    classifier = load_classifier(artifact)
+    assert classifier.kind == "logistic" and classifier.entities_ == []
+    assert classifier.score_segments([KITCHEN[20], SKY[20]]) > classifier.score_segments([KITCHEN[20]])
+
+
+def _write_gate_data(directory: Path) -> None:
+    def record(text: str, label: str, group: str, cluster: str) -> str:
+        return json.dumps({"text": text, "label": label, "group": group, "cluster": cluster}) + "\n"
+
+    for split, topics in (("train", slice(0, 8)), ("test", slice(8, 10))):
+        (directory / split).mkdir(parents=True)
+        lines = [record(f.format(t), "forget", "direct", f"sky:{t}") for t in _SKY[topics] for f in _FRAMES]
+        lines += [record(f.format(t), "retain", "everyday", f"kitchen:{t}") for t in _KITCHEN[topics] for f in _FRAMES]
+        chat = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                             {"role": "user", "content": f"And what about {_SKY[topics][0]}?"}],
+                "label": "forget", "group": "multi_turn", "cluster": "turn:sky"}
+        lines.append(json.dumps(chat) + "\n")
+        (directory / split / "gate.jsonl").write_text("".join(lines))
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def test_cli_trains_on_gate_data_and_reports_per_group(tmp_path, capsys):
+    _write_gate_data(tmp_path / "gate")
+    out = tmp_path / "artifact"
+    assert _run(["classifier", "train", "--gate-data", str(tmp_path / "gate"), "--out", str(out), "--epochs", "1",
+                 "--alpha", "0.3", "--delta", "0.3"]) == 0
+    printed = capsys.readouterr().out
+    assert "## calibration split" in printed and "## test split" in printed and "| everyday |" in printed
+    meta = json.loads((out / "classifier.json").read_text())
+    assert meta["kind"] == "finetuned" and meta["alpha"] == 0.3 and meta["delta"] == 0.3
+    assert set(meta["metrics"]["test"]["recall_by_group"]) == {"direct", "multi_turn"}
+    assert meta["metrics"]["training_seconds"] > 0 and (out / "report.md").read_text().startswith("# Gate report")
+    report = tmp_path / "eval.json"
+    assert _run(["classifier", "eval", "--artifact", str(out), "--gate-data", str(tmp_path / "gate"),
+                 "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["test"] == meta["metrics"]["test"]
+    assert _run(["classifier", "train", "--model", "finetuned", "--forget", str(out / "classifier.json"),
+                 "--retain", str(out / "classifier.json"), "--out", str(tmp_path / "x")]) == 2

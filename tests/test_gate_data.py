@@ -1,0 +1,107 @@
+"""The gate data format: validation, the split by cluster, and training augmentations."""
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+
+import pytest
+
+from classifier.gate_data import GateRecord, chat_transcript, diluted, load_records, obfuscate, split_by_cluster
+from classifier.normalize import variants
+from classifier.segments import word_count
+
+pytestmark = pytest.mark.unit
+
+CHAT = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Let's talk about Hogwarts."},
+        {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "Describe its four houses."}]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_load_records_reads_texts_and_chats(tmp_path):
+    _write(tmp_path / "a.jsonl", [
+        {"text": "Who is Harry Potter?", "label": "forget", "group": "direct", "cluster": "Harry Potter"},
+        {"messages": CHAT, "label": "forget", "group": "multi_turn", "cluster": "chat:houses", "kind": "x"}])
+    _write(tmp_path / "b.jsonl", [
+        {"text": "Wer ist Sirius?", "label": "retain", "group": "namesakes", "cluster": "star:sirius", "lang": "de"}])
+    (tmp_path / "ignored.txt").write_text("not data")
+    direct, chat, star = load_records(tmp_path)
+    assert direct == GateRecord("Who is Harry Potter?", "forget", "direct", "Harry Potter", source="a.jsonl:1")
+    assert chat.messages == tuple(CHAT) and chat.text == chat_transcript(CHAT)
+    assert chat.text.splitlines()[1] == "user: Let's talk about Hogwarts."
+    assert star.lang == "de" and star.source == "b.jsonl:1"
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"label": "forget", "group": "direct", "cluster": "c"}, "exactly one of"),
+    ({"text": "x", "label": "maybe", "group": "direct", "cluster": "c"}, '"label"'),
+    ({"text": "x", "label": "retain", "group": "direct", "cluster": "c"}, '"group" of a retain'),
+    ({"text": "x", "label": "forget", "group": "direct", "cluster": ""}, '"cluster"'),
+    ({"text": "x", "label": "forget", "group": "direct", "cluster": "c", "lang": "German"}, '"lang"'),
+    ({"messages": CHAT[:3], "label": "forget", "group": "multi_turn", "cluster": "c"}, "end with a user turn"),
+    ({"messages": [{"role": "bot", "content": "x"}], "label": "forget", "group": "multi_turn", "cluster": "c"},
+     "message 1"),
+])
+def test_an_invalid_record_is_named_by_file_and_line(tmp_path, row, reason):
+    good = {"text": "Who is Harry Potter?", "label": "forget", "group": "direct", "cluster": "Harry Potter"}
+    _write(tmp_path / "data.jsonl", [good, row])
+    with pytest.raises(ValueError, match=f"data.jsonl:2: .*{reason}"):
+        load_records(tmp_path)
+
+
+def _records() -> list[GateRecord]:
+    rows = []
+    for label, groups in (("forget", ("direct", "indirect", "framed")), ("retain", ("namesakes", "everyday"))):
+        for g, group in enumerate(groups):
+            for c in range(2 + 7 * g):
+                for v in range(3):
+                    rows.append(GateRecord(f"{group} {c} {v}", label, group, f"{group}:{c}"))
+    rows.append(GateRecord("shared", "forget", "framed", "direct:0"))  # one cluster in two groups
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_cluster_straddles_two_splits_and_every_group_is_in_each(seed):
+    records = _records()
+    parts = split_by_cluster(records, seed=seed)
+    assert sum(len(p) for p in parts.values()) == len(records)
+    where = defaultdict(set)
+    for name, part in parts.items():
+        for record in part:
+            where[record.cluster].add(name)
+    assert all(len(splits) == 1 for splits in where.values())
+    for group in {r.group for r in records}:
+        assert all(any(r.group == group for r in part) for part in parts.values()), group
+    assert split_by_cluster(records, seed=seed) == parts  # stable
+    three = split_by_cluster(records, {"train": 0.6, "calibration": 0.2, "test": 0.2}, seed=seed)
+    assert all(any(r.group == "framed" for r in part) for part in three.values())
+
+
+def test_split_fractions_are_checked():
+    with pytest.raises(ValueError, match="sum to 1"):
+        split_by_cluster(_records(), {"train": 0.6, "calibration": 0.6})
+
+
+def test_diluted_buries_a_forget_text_in_a_long_benign_one():
+    forget = [GateRecord("Who taught Potions at Hogwarts?", "forget", "direct", "Hogwarts")]
+    sentence = "The harbour ferry leaves at dawn and returns before the evening market opens. "
+    host = [GateRecord(sentence * 200, "retain", "long_documents", "long:ferry")]
+    made = diluted(forget, host, n=20, seed=3, min_words=100, max_words=1000)
+    assert made == diluted(forget, host, n=20, seed=3, min_words=100, max_words=1000)
+    for record in made:
+        assert record.label == "forget" and record.group == "diluted" and record.cluster == "Hogwarts+long:ferry"
+        assert "Who taught Potions at Hogwarts?" in record.text
+        assert 100 - 14 <= word_count(record.text) - 5 <= 1000
+    assert len({r.text for r in made}) > 10
+
+
+def test_obfuscations_are_undone_by_the_variants():
+    rng = random.Random(0)
+    text = "Tell me about Hermione Granger and the Hogwarts library."
+    disguised = [obfuscate(text, rng) for _ in range(200)]
+    assert len(set(disguised)) > 100 and text not in disguised
+    recovered = sum(any(v.casefold() == text.casefold() for v in variants(d)) for d in disguised)
+    assert recovered / len(disguised) > 0.8

@@ -1,0 +1,262 @@
+"""The request path in-process, flagged and unflagged, against a recording stub upstream: what the
+model is sent, and what the client gets back (issue 12's findings, each asserted on the upstream)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from inprocess import STUB_MODEL, KeywordGate, RecordingUpstream, build_app
+from proxy.model_prep import prepare_default_model
+
+pytestmark = pytest.mark.unit
+
+FLAGGED = "Tell me about Harry Potter and Hogwarts."
+PLAIN = "What is the capital of Japan?"
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return prepare_default_model()
+
+
+@pytest.fixture
+def upstream():
+    return RecordingUpstream()
+
+
+@pytest.fixture
+def client(model_dir, upstream):
+    return TestClient(build_app(model_dir, upstream), raise_server_exceptions=False)
+
+
+def _chat(content: str, **extra) -> dict:
+    return {"model": STUB_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+
+
+def _completion(prompt, **extra) -> dict:
+    return {"model": STUB_MODEL, "prompt": prompt, "max_tokens": 4, **extra}
+
+
+def _error(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    assert body["error"]["code"] == response.status_code
+    return body["error"]
+
+
+# --- what reaches the model ----------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("raw_prompt", ["The headmaster of Hogwarts is Albus", ["a", "b"], [2, 651]])
+def test_a_raw_prompt_cannot_ride_along_a_flagged_chat(client, upstream, stream, raw_prompt):
+    response = client.post("/v1/chat/completions", json=_chat(FLAGGED, prompt=raw_prompt, stream=stream))
+    assert response.status_code == 200 and response.headers["x-eco-flagged"] == "true"
+    [(path, body)] = upstream.received
+    assert path == "/v1/completions" and "prompt" not in body and "prompt_embeds" in body
+    assert isinstance(body["prompt_embeds"], str)  # one corrupted prompt, nothing else
+
+
+def test_unknown_fields_never_reach_the_model_and_known_ones_do(client, upstream):
+    for content in (PLAIN, FLAGGED):
+        client.post("/v1/chat/completions", json=_chat(content, min_tokens=2, vendor_field={"x": 1},
+                                                        kv_transfer_params=None))
+    for _, body in upstream.received:
+        assert body["min_tokens"] == 2 and "vendor_field" not in body and "kv_transfer_params" not in body
+
+
+@pytest.mark.parametrize("field,value", [
+    ("prompt_embeds", "AAAA"), ("kv_transfer_params", {"x": 1}), ("vllm_xargs", {"a": 1}),
+    ("mm_payload", {"x": 1}), ("truncate_prompt_tokens", 5), ("prompt_logprobs", 1), ("echo", True),
+    ("suffix", "x"),
+])
+def test_refused_completion_fields_name_the_field_and_send_nothing(client, upstream, field, value):
+    for prompt in (PLAIN, FLAGGED):
+        response = client.post("/v1/completions", json=_completion(prompt, **{field: value}))
+        assert response.status_code == 400 and _error(response)["param"] == field
+    assert upstream.received == []
+
+
+def test_a_string_false_is_false_on_both_paths(client, upstream):
+    for content in (PLAIN, FLAGGED):
+        response = client.post("/v1/chat/completions", json=_chat(content, stream="false"))
+        assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+        assert response.json()["object"] == "chat.completion"
+    assert [body["stream"] for _, body in upstream.received] == [False, False]
+    echo = client.post("/v1/completions", json=_completion(FLAGGED, echo="false"))
+    assert echo.status_code == 200
+
+
+def test_a_zero_output_limit_is_sent_as_zero_not_as_the_whole_context(client, upstream):
+    client.post("/v1/chat/completions", json={**_chat(FLAGGED), "max_completion_tokens": 0})
+    [(_, body)] = upstream.received
+    assert body["max_tokens"] == 0
+
+
+def test_flagged_chat_default_length_is_the_rest_of_the_context(client, upstream):
+    body = _chat(FLAGGED)
+    del body["max_tokens"]
+    client.post("/v1/chat/completions", json=body)
+    [(_, sent)] = upstream.received
+    assert 2000 < sent["max_tokens"] < 2048
+
+
+# --- never a 500, always OpenAI's error shape -------------------------------------------------
+
+@pytest.mark.parametrize("body", [
+    _completion([2, -5]), _completion([2, 10**20]), _completion([[2, 262144]]),
+    _completion(FLAGGED, max_tokens="many"), {"model": STUB_MODEL, "messages": "hi"},
+    {"model": STUB_MODEL, "messages": []}, _chat(FLAGGED, stream_options={"include_usage": "maybe"}),
+    _chat(FLAGGED, chat_template_kwargs={"tokenize": True}), _chat(FLAGGED, tools=[{"type": "function"}], tool_choice="required"),
+    _chat(FLAGGED, tool_choice="auto"), {"model": STUB_MODEL}, {"prompt": "hi"},
+])
+def test_bad_input_is_a_400_in_openai_shape(client, upstream, body):
+    response = client.post("/v1/completions" if "prompt" in body or "messages" not in body else "/v1/chat/completions",
+                           json=body)
+    assert response.status_code == 400, response.text
+    _error(response)
+    assert upstream.received == []
+
+
+def test_deep_nesting_and_bad_json_are_400(client):
+    deep = b'{"model": "m", "prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    assert client.post("/v1/completions", content=deep).status_code == 400
+    deeper = b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert client.post("/v1/completions", content=deeper).status_code == 413
+    assert client.post("/v1/completions", content=b"{nope").status_code == 400
+    assert _error(client.post("/v1/completions", content=b"[1, 2]"))["type"] == "BadRequestError"
+
+
+def test_null_where_a_value_is_expected(client, upstream):
+    response = client.post("/v1/completions", json=_completion(FLAGGED, prompt_embeds=None, n=None, stream=None))
+    assert response.status_code == 200
+    [(_, body)] = upstream.received
+    assert isinstance(body["prompt_embeds"], str)
+
+
+def test_unknown_paths_and_methods_are_openai_shaped_without_redirects(client):
+    assert _error(client.get("/v1/nothing"))["type"] == "NotFoundError"
+    assert client.get("/v1/completions").status_code == 405
+    assert _error(client.get("/v1/completions"))["code"] == 405
+    slash = client.post("/v1/completions/", json=_completion(PLAIN), follow_redirects=False)
+    assert slash.status_code == 404
+    assert client.get("/openapi.json").status_code == 404 and client.get("/docs").status_code == 404
+
+
+# --- a flagged answer looks like an unflagged one ----------------------------------------------
+
+def test_prompt_token_ids_are_the_real_ones_when_flagged(client, model_dir):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(FLAGGED).input_ids
+    completion = client.post("/v1/completions", json=_completion(FLAGGED, return_token_ids=True)).json()
+    assert completion["choices"][0]["prompt_token_ids"] == ids
+    stream = client.post("/v1/completions", json=_completion(FLAGGED, return_token_ids=True, stream=True))
+    first = json.loads(stream.text.split("\n\n")[0].removeprefix("data: "))
+    assert first["choices"][0]["prompt_token_ids"] == ids
+    chat = client.post("/v1/chat/completions", json=_chat(FLAGGED, return_token_ids=True)).json()
+    assert chat["prompt_token_ids"][0] == 2 and 0 not in chat["prompt_token_ids"]
+
+
+def test_continuous_usage_reaches_a_flagged_chat_stream(client):
+    response = client.post("/v1/chat/completions", json=_chat(FLAGGED, stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))
+    events = [json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")]
+    assert all("usage" in event for event in events), events
+
+
+def test_tool_calling_is_refused_alike_on_both_paths(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    answers = [client.post("/v1/chat/completions", json=_chat(content, tools=tools, tool_choice="required"))
+               for content in (PLAIN, FLAGGED)]
+    assert [a.status_code for a in answers] == [400, 400]
+    assert _error(answers[0]) == _error(answers[1])
+    rendered = client.post("/v1/chat/completions", json=_chat(PLAIN, tools=tools, tool_choice="none"))
+    assert rendered.status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_same_response_structure_flagged_and_unflagged_chat(client, stream):
+    def shape(value):
+        if isinstance(value, dict):
+            return {k: shape(v) for k, v in value.items() if k not in ("id",)}
+        return type(value).__name__ if not isinstance(value, list) else [shape(v) for v in value[:1]]
+
+    answers = [client.post("/v1/chat/completions", json=_chat(content, stream=stream)) for content in (PLAIN, FLAGGED)]
+    assert [a.headers["x-eco-flagged"] for a in answers] == ["false", "true"]
+    if not stream:
+        plain, flagged = (a.json() for a in answers)
+        assert set(flagged) >= set(plain)  # the stub upstream writes fewer fields than vLLM; none may be missing
+        assert set(flagged["choices"][0]) >= set(plain["choices"][0])
+    else:
+        assert all(a.text.rstrip().endswith("data: [DONE]") for a in answers)
+
+
+# --- operator controls ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,expected", [
+    ("none", set()), ("flag", {"x-eco-flagged", "x-eco-policy-version"}),
+    ("full", {"x-eco-flagged", "x-eco-policy-version", "x-eco-target", "x-eco-score", "server-timing"}),
+])
+def test_verdict_headers_follow_the_policy(model_dir, upstream, mode, expected):
+    client = TestClient(build_app(model_dir, upstream, headers=mode))
+    response = client.post("/v1/completions", json=_completion(FLAGGED))
+    shown = {k for k in response.headers if k.startswith("x-eco") or k == "server-timing"}
+    assert shown == expected
+    if mode == "full":
+        assert response.headers["x-eco-score"] == "1.00"
+
+
+def test_api_keys_metrics_key_and_models_without_paths(model_dir, upstream):
+    client = TestClient(build_app(model_dir, upstream, api_keys=("k1", "k2"), metrics_key="m"))
+    assert _error(client.post("/v1/completions", json=_completion(PLAIN)))["type"] == "AuthenticationError"
+    assert client.post("/v1/completions", json=_completion(PLAIN), headers={"authorization": "Bearer k3"}).status_code == 401
+    assert client.post("/v1/completions", json=_completion(PLAIN), headers={"authorization": "Bearer k2"}).status_code == 200
+    assert len(upstream.received) == 1
+    assert client.get("/v1/models").status_code == 401
+    models = client.get("/v1/models", headers={"authorization": "Bearer k1"}).json()
+    assert models["data"][0]["root"] == STUB_MODEL and "/secret" not in json.dumps(models)
+    assert client.get("/metrics").status_code == 401
+    assert "eco_requests_total" in client.get("/metrics", headers={"authorization": "Bearer m"}).text
+    assert TestClient(build_app(model_dir, upstream)).get("/metrics").status_code == 404
+
+
+# --- bounded cost before classification ------------------------------------------------------
+
+class CountingGate(KeywordGate):
+    def __init__(self, delay: float = 0.0):
+        self.calls, self.delay = 0, delay
+
+    def score_segments(self, segments: list[str]) -> float:
+        self.calls += 1
+        time.sleep(self.delay)
+        return super().score_segments(segments)
+
+
+def _with_gate(app, gate):
+    state = app.state.proxy
+    target = state.policy.targets[0]
+    state.policy = type(state.policy)(state.policy.version, (type(target)(
+        target.name, gate, target.threshold, target.corruption, target.entities, target.fail_mode),),
+        False, state.policy.source, "full")
+    return app
+
+
+def test_body_limit_and_context_checked_before_the_classifier(model_dir, upstream):
+    gate = CountingGate()
+    client = TestClient(_with_gate(build_app(model_dir, upstream), gate))
+    too_big = client.post("/v1/completions", json=_completion("word " * 60_000))
+    assert too_big.status_code == 413 and _error(too_big)["type"] == "RequestTooLargeError"
+    too_long = client.post("/v1/completions", json=_completion("word " * 3000))
+    assert too_long.status_code == 400 and "maximum context length is 2048" in _error(too_long)["message"]
+    assert gate.calls == 0 and upstream.received == []
+
+
+def test_a_slow_verdict_falls_back_to_the_fail_mode(model_dir, upstream):
+    client = TestClient(_with_gate(build_app(model_dir, upstream, classify_timeout=0.2), CountingGate(delay=1.0)))
+    response = client.post("/v1/completions", json=_completion(PLAIN))
+    assert response.status_code == 200 and response.headers["x-eco-flagged"] == "true"  # closed: corrupted
+    [(_, body)] = upstream.received
+    assert "prompt_embeds" in body and "prompt" not in body
