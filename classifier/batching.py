@@ -8,7 +8,9 @@ and keeping torch on one thread matters on a CPU: every thread that runs torch g
 team of its own, and once the teams hold more threads than there are cores, OpenMP stops
 spin-waiting and each pass runs about twice as slowly. A server that does other torch work
 can hand its runners the executor it uses for that work, so that all of it runs on one
-thread. Subclasses tokenize under `_tokenizer_lock`: a fast tokenizer keeps its padding
+thread. A pass takes at most `pass_chars` characters of text, one text from each waiting caller
+in turn, so a caller with a few short texts is served in the next pass even while a caller
+with a long document has many windows queued. Subclasses tokenize under `_tokenizer_lock`: a fast tokenizer keeps its padding
 settings in shared state, and concurrent calls corrupt each other's batches. Recent texts are
 remembered (a bounded LRU), so a repeated system prompt or the earlier turns of a
 conversation are not run again.
@@ -27,21 +29,29 @@ import numpy as np
 DEFAULT_CACHE_SIZE = 4096  # texts; an entry is one output row plus its text
 
 
+DEFAULT_PASS_CHARS = 4000  # about a thousand tokens: one pass stays in the tens of milliseconds
+
+
 @dataclass
 class _Job:
     texts: list[str]
     progress: bool
     done: threading.Event = field(default_factory=threading.Event)
-    rows: np.ndarray | None = None
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)  # texts not yet given to a pass
     error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.waiting = list(self.texts)
 
 
 class BatchingRunner(ABC):
     """Maps texts to output rows (`forward`), sharing forward passes between concurrent callers."""
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE, executor: Executor | None = None,
-                 thread_name: str = "batching"):
+                 thread_name: str = "batching", pass_chars: int = DEFAULT_PASS_CHARS):
         self.cache_size = cache_size
+        self.pass_chars = pass_chars
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._jobs: list[_Job] = []
@@ -87,29 +97,57 @@ class BatchingRunner(ABC):
         job.done.wait()
         if job.error is not None:
             raise job.error
-        assert job.rows is not None
-        return job.rows
+        return np.stack([job.rows[text] for text in job.texts])
 
     def _drain(self) -> None:
-        """Run every job queued so far in one pass; jobs that arrive meanwhile schedule the next drain."""
+        """One pass over a fair share of what is queued; what is left schedules the next pass."""
         with self._jobs_lock:
-            jobs, self._jobs, self._drain_pending = self._jobs, [], False
-        self._run(jobs)
+            batch = self._take_fair_share()
+        self._run(batch)
+        with self._jobs_lock:
+            self._jobs = [job for job in self._jobs if not job.done.is_set()]
+            if any(job.waiting for job in self._jobs):
+                self._executor.submit(self._drain)
+            else:
+                self._drain_pending = False
 
-    def _run(self, jobs: list[_Job]) -> None:
-        unique = list(dict.fromkeys(text for job in jobs for text in job.texts))
+    def _take_fair_share(self) -> dict[str, list[_Job]]:
+        """Texts for one pass, one from each waiting job in turn, up to `pass_chars` characters; each text
+        with the jobs that wait for it."""
+        batch: dict[str, list[_Job]] = {}
+        size = 0
+        # A job that shows a progress bar is an offline one (training, evaluation): it runs whole.
+        budget = float("inf") if any(job.progress for job in self._jobs) else self.pass_chars
+        while size < budget:
+            took = False
+            for job in self._jobs:
+                if job.waiting and size < budget:
+                    text = job.waiting.pop(0)
+                    batch.setdefault(text, []).append(job)
+                    size += len(text)
+                    took = True
+            if not took:
+                break
+        return batch
+
+    def _run(self, batch: dict[str, list[_Job]]) -> None:
+        jobs = {id(job): job for waiting in batch.values() for job in waiting}
         try:
-            matrix = self.forward(unique, progress=any(job.progress for job in jobs))
+            matrix = self.forward(list(batch), progress=any(job.progress for job in jobs.values()))
         except BaseException as exc:  # each caller raises it
-            for job in jobs:
+            for job in jobs.values():
                 job.error = exc
+                job.waiting.clear()
                 job.done.set()
             return
-        rows = dict(zip(unique, matrix))
+        rows = dict(zip(batch, matrix))
         self._remember(rows)
-        for job in jobs:
-            job.rows = np.stack([rows[text] for text in job.texts])
-            job.done.set()
+        for text, row in rows.items():
+            for job in batch[text]:
+                job.rows[text] = row
+        for job in jobs.values():
+            if not job.waiting and len(job.rows) == len(set(job.texts)):
+                job.done.set()
 
     def _remember(self, rows: dict[str, np.ndarray]) -> None:
         if self.cache_size <= 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -71,97 +70,30 @@ def register(groups: argparse._SubParsersAction) -> None:
 
 
 # -- gate data ------------------------------------------------------------------------------
-def _gate_splits(directory: Path, seed: int, diluted_fraction: float) -> dict[str, list[Any]]:
-    """train and calibration (DIR/train split by cluster) and test (DIR/test), each with diluted forget
-    prompts made from its own forget and long-document records."""
-    from classifier.gate_data import diluted, load_records, split_by_cluster
-
-    parts = split_by_cluster(load_records(directory / "train"), seed=seed)
-    splits = {"train": parts["train"], "calibration": parts["calibration"], "test": load_records(directory / "test")}
-    for offset, (name, records) in enumerate(splits.items()):
-        forget = [r for r in records if r.label == "forget" and r.group != "diluted"]
-        hosts = [r for r in records if r.group == "long_documents"]
-        count = round(diluted_fraction * len(forget))
-        if count and hosts and any(r.messages is None for r in forget):
-            records.extend(diluted(forget, hosts, count, seed=seed + offset))
-    return splits
-
-
-def _counts(records: list[Any]) -> str:
-    forget = sum(r.label == "forget" for r in records)
-    return f"{forget} forget, {len(records) - forget} retain"
-
-
 def _train_gate(args: argparse.Namespace) -> int:
-    from classifier.calibration import mondrian_threshold
-    from classifier.data import read_terms
-    from classifier.entities import distinctive_terms
-    from classifier.report import markdown, record_segments, score_records, split_report
+    from classifier.training import GateTraining, train_gate
 
-    model = args.model or "finetuned"
     try:
-        splits = _gate_splits(args.gate_data, args.seed, args.diluted_fraction)
-        for name, records in splits.items():
-            print(f"{name:12s} {_counts(records)}")
-        train = splits["train"]
-        texts, labels = [r.text for r in train], [int(r.label == "forget") for r in train]
-        calibration = splits["calibration"]
-        calibration_labels = [int(r.label == "forget") for r in calibration]
-        started = time.monotonic()
-        if model == "finetuned":
-            from classifier.finetuned import FineTunedClassifier
-
-            classifier: Any = FineTunedClassifier(args.encoder, epochs=args.epochs, max_minutes=args.max_minutes,
-                                                  random_state=args.seed)
-            classifier.fit(texts, labels, progress=True)
-            print(f"calibrating on {_counts(calibration)} (alpha {args.alpha}, delta {args.delta}) ...")
-            classifier.calibrate([record_segments(r) for r in calibration], calibration_labels,
-                                 [r.group for r in calibration], args.alpha, args.delta)
-        else:
-            from classifier.model import PromptClassifier
-
-            classifier = PromptClassifier(args.encoder, C=args.C, random_state=args.seed)
-            print("encoding and fitting the training split ...")
-            classifier.fit(texts, labels, progress=True)
-            retain = [r for r in calibration if r.label == "retain"]
-            print(f"calibrating on {len(retain)} retain prompts (alpha {args.alpha}, delta {args.delta}) ...")
-            by_group: dict[str, list[float]] = {}
-            for record, score in zip(retain, score_records(classifier, retain, progress=True)):
-                by_group.setdefault(record.group, []).append(float(score))
-            classifier.threshold_, groups = mondrian_threshold(by_group, args.alpha, args.delta)
-            classifier.alpha_ = args.alpha
-            classifier.metrics_["calibration"] = {"delta": args.delta, "group_thresholds": groups}
-        seconds = time.monotonic() - started
-        reports = {name: split_report(splits[name], score_records(classifier, splits[name], progress=True),
-                                      classifier.threshold_) for name in ("calibration", "test")}
-        entities = read_terms(args.entities) if args.entities else distinctive_terms(
-            [r.text for r in train if r.label == "forget"], [r.text for r in train if r.label == "retain"],
-            top_k=args.entities_top_k)
+        train_gate(GateTraining(args.gate_data, args.out, model=args.model or "finetuned", alpha=args.alpha,
+                                delta=args.delta, epochs=args.epochs, max_minutes=args.max_minutes,
+                                diluted_fraction=args.diluted_fraction, encoder=args.encoder, C=args.C,
+                                seed=args.seed, entities=args.entities, entities_top_k=args.entities_top_k))
     except (OSError, ValueError) as exc:
         print(f"eco-proxy classifier train: {exc}", file=sys.stderr)
         return 2
-    classifier.entities_ = entities
-    classifier.metrics_.update({"training_seconds": round(seconds, 1), **reports})
-    classifier.save(args.out)
-    header = (f"Model: {model}; fitted and calibrated in {seconds / 60:.1f} min on {_counts(train)}; "
-              f"alpha {args.alpha}, delta {args.delta}; threshold {classifier.threshold_:.4f}.")
-    text = markdown(reports, [header])
-    (args.out / "report.md").write_text(text, encoding="utf-8")
-    print("\n" + text)
-    print(f"entities: {', '.join(entities[:15])}{' ...' if len(entities) > 15 else ''}")
-    print(f"wrote {args.out} (and report.md in it)")
     return 0
 
 
 def _eval_gate(args: argparse.Namespace) -> int:
     from classifier import load_classifier
     from classifier.report import markdown, score_records, split_report
+    from classifier.training import gate_splits
 
     try:
         classifier = load_classifier(args.artifact)
         if classifier.threshold_ is None:
             raise ValueError(f"{args.artifact} is not calibrated")
-        splits = _gate_splits(args.gate_data, args.seed, args.diluted_fraction)
+        splits = gate_splits(args.gate_data, args.seed, args.diluted_fraction)
         reports = {name: split_report(splits[name], score_records(classifier, splits[name], progress=True),
                                       classifier.threshold_) for name in ("calibration", "test")}
     except (OSError, ValueError) as exc:

@@ -1,7 +1,9 @@
 """Rebuild the shipped demo artifacts from the data in demo/, against a real backend.
 
 1. keep the knowledge probes the base model answers right (probes.kept.jsonl, retain_probes.kept.jsonl);
-2. train and calibrate each target's classifier (demo/<target>/classifier/);
+2. train and calibrate each target's classifier (demo/<target>/classifier/): Harry Potter's is the
+   fine-tuned gate on demo/harry_potter/gate (train/ split by cluster, test/ the frozen test split),
+   with the logistic baseline beside it (demo/harry_potter/classifier-logistic/) for comparison;
 3. learn each target's corruption strength on the train split of its kept probes
    (demo/<target>/corruption.json); the other probes stay held out for `eco-proxy eval`.
 """
@@ -12,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from classifier.data import split_of
+from classifier.training import GateTraining, train_gate
 from corruption.probes import read_probes
 from proxy.evaluation.client import Endpoint
 
@@ -48,18 +51,13 @@ def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
         kept, total = keep_known_probes(endpoint, source, destination)
         print(f"{destination.relative_to(demo_dir)}: the model answers {kept} of {total} probes")
 
-    classifiers = [
-        ["--forget", str(hp / "forget.jsonl"), "--retain", str(hp / "retain_fiction.jsonl"),
-         "--retain", str(hp / "retain_general.jsonl"), "--forget-entities", str(hp / "entities.txt"),
-         "--retain-entities", str(hp / "retain_entities.txt"), "--out", str(hp / "classifier")],
-        # Harry Potter prompts are negatives for the second target: the two must not overlap
-        ["--forget", str(sw / "forget.jsonl"), "--retain", str(sw / "retain.jsonl"),
-         "--retain", str(hp / "retain_general.jsonl"), "--retain", str(hp / "forget.jsonl"),
-         "--out", str(sw / "classifier")],
-    ]
-    for arguments in classifiers:
-        if main(["classifier", "train", "--alpha", "0.05", *arguments]) != 0:
-            return 1
+    for model, out in (("finetuned", hp / "classifier"), ("logistic", hp / "classifier-logistic")):
+        train_gate(GateTraining(hp / "gate", out, model=model, alpha=0.01, delta=0.1))
+    # Harry Potter prompts are negatives for the second target: the two must not overlap
+    if main(["classifier", "train", "--alpha", "0.05", "--forget", str(sw / "forget.jsonl"),
+             "--retain", str(sw / "retain.jsonl"), "--retain", str(hp / "retain_general.jsonl"),
+             "--retain", str(hp / "forget.jsonl"), "--out", str(sw / "classifier")]) != 0:
+        return 1
     with tempfile.TemporaryDirectory() as workdir:
         for target in (hp, sw):
             code = main(["corruption", "train", "--backend-url", backend_url, "--model-dir", str(model_dir),
