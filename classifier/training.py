@@ -28,9 +28,31 @@ class GateTraining:
     entities_top_k: int = 40
 
 
+TERM_FRAMES_PER_TERM = 3
+
+
+def term_records(directory: Path) -> list[GateRecord]:
+    """Training prompts from the target's vocabulary (DIR/terms/forget.txt) and its namesakes
+    (DIR/terms/retain.txt): each term in a few neutral frames, chosen by a hash of the term. The
+    vocabulary defines the target, so these go to the training split only, never to calibration or test."""
+    import hashlib
+
+    from classifier.data import ENTITY_FRAMES, read_terms
+
+    records = []
+    for label, group in (("forget", "direct"), ("retain", "namesakes")):
+        path = directory / "terms" / f"{label}.txt"
+        for term in read_terms(path) if path.is_file() else []:
+            start = int.from_bytes(hashlib.sha256(term.encode()).digest()[:4], "big")
+            for k in range(TERM_FRAMES_PER_TERM):
+                frame = ENTITY_FRAMES[(start + k) % len(ENTITY_FRAMES)]
+                records.append(GateRecord(frame.format(term), label, group, f"term:{term}", source=f"{path.name}"))
+    return records
+
+
 def gate_splits(directory: Path, seed: int, diluted_fraction: float) -> dict[str, list[GateRecord]]:
     """train and calibration (DIR/train split by cluster) and test (DIR/test), each with diluted forget
-    prompts made from its own forget and long-document records."""
+    prompts made from its own forget and long-document records; the term prompts join train."""
     from classifier.gate_data import diluted, load_records, split_by_cluster
 
     test = load_records(directory / "test")
@@ -39,9 +61,9 @@ def gate_splits(directory: Path, seed: int, diluted_fraction: float) -> dict[str
     test_clusters = {r.cluster for r in test}
     kept = [r for r in load_records(directory / "train") if r.cluster not in test_clusters]
     parts = split_by_cluster(kept, seed=seed)
-    splits = {"train": parts["train"], "calibration": parts["calibration"], "test": test}
+    splits = {"train": parts["train"] + term_records(directory), "calibration": parts["calibration"], "test": test}
     for offset, (name, records) in enumerate(splits.items()):
-        forget = [r for r in records if r.label == "forget" and r.group != "diluted"]
+        forget = [r for r in records if r.label == "forget" and r.group != "diluted" and not r.cluster.startswith("term:")]
         hosts = [r for r in records if r.group == "long_documents"]
         count = round(diluted_fraction * len(forget))
         if count and hosts and any(r.messages is None for r in forget):
