@@ -54,7 +54,7 @@ from _common import (
 from corruption.embeddings import EmbeddingTable
 from corruption.functions import corrupt
 from corruption.keys import keyed_generator
-from corruption.payload import prompt_embeds_base64, request_body_with_embeds
+from vllm_client.embeds import prompt_embeds_base64, request_body_with_embeds
 from corruption.spec import CorruptionSpec
 
 LENGTHS = (16, 64, 256, 1024, 4096, 8192)

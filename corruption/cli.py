@@ -50,7 +50,8 @@ def _train(args: argparse.Namespace) -> int:
     from corruption.embeddings import EmbeddingError, EmbeddingTable
     from corruption.probes import read_multiple_choice, read_probes
     from corruption.spec import CorruptionSpec
-    from corruption.trainer import BackendError, CorruptionTrainer, EmbedsBackend
+    from corruption.trainer import CorruptionTrainer, EmbedsBackend
+    from vllm_client import BackendError
     from corruption.zo import ZerothOrderOptimizer
 
     try:

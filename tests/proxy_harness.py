@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from proxy.backend import free_port
+from vllm_client.server import free_port
 
 FORGET = [
     "Who are Harry Potter's best friends at Hogwarts?",
