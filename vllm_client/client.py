@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from vllm_client import sse
+import vllm_client.sse as sse
 from vllm_client.errors import BackendError, BackendRefused, BackendUnavailable
 
 Body = dict[str, Any] | list[bytes] | bytes
