@@ -16,8 +16,9 @@ import tempfile
 from pathlib import Path
 
 from classifier.data import split_of
-from classifier.training import GateTraining, train_gate
+from classifier.training import FileTraining, GateTraining, train_gate, train_logistic_files
 from corruption.probes import read_probes
+from corruption.training import CorruptionTraining, train_corruption
 from evaluation.client import Endpoint
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
