@@ -1,8 +1,8 @@
 """What every benchmark script shares: statistics, machine facts, result files, tables, the proxy.
 
 Scripts are run as `python benchmarks/NAME.py`, so this directory is on `sys.path` and they
-import this module as `_common`. The repository root is added too, for the test harness that
-trains a tiny policy and starts `eco-proxy serve` as a subprocess.
+import this module as `_common`. The repository root is added too, for `evaluation.testing`, which
+starts `eco-proxy serve` as a subprocess.
 """
 from __future__ import annotations
 
@@ -253,11 +253,12 @@ def resolve_model_dir(given: str | None, backend_url: str | None = None) -> Path
     if given:
         return Path(given)
     if backend_url:
-        import httpx
+        from vllm_client import BackendError, VllmClient
 
         try:
-            cards = httpx.get(f"{backend_url}/v1/models", timeout=5).json().get("data", [])
-        except (httpx.HTTPError, ValueError):
+            with VllmClient(backend_url, timeout=5) as client:
+                cards = client.models()
+        except BackendError:
             cards = []
         for card in cards:
             root = card.get("root")
@@ -269,13 +270,9 @@ def resolve_model_dir(given: str | None, backend_url: str | None = None) -> Path
 
 
 def served_model_name(backend_url: str, fallback: str) -> str:
-    import httpx
+    from vllm_client import served_model_name as served
 
-    try:
-        cards = httpx.get(f"{backend_url}/v1/models", timeout=5).json().get("data", [])
-    except (httpx.HTTPError, ValueError):
-        return fallback
-    return cards[0]["id"] if cards else fallback
+    return served(backend_url, fallback)
 
 
 def passthrough_policy(workdir: Path) -> Path:
@@ -287,9 +284,9 @@ def passthrough_policy(workdir: Path) -> Path:
 
 def start_proxy(policy: Path, backend_url: str, model_dir: Path, model_name: str, workdir: Path,
                 code_dir: Path | None = None):
-    """`eco-proxy serve` as a subprocess (tests/proxy_harness.py); returns its handle with `.url` and `.stop()`.
+    """`eco-proxy serve` as a subprocess (evaluation/testing.py); returns its handle with `.url` and `.stop()`.
     `code_dir`: run the proxy's code from that checkout instead (e.g. a git worktree of an earlier commit)."""
-    from tests.proxy_harness import start_proxy as start
+    from evaluation.testing import start_proxy as start
 
     extra_env = {"PYTHONPATH": str(code_dir)} if code_dir else None
     return start(policy, backend_url, model_dir, model_name, workdir, admin_key="bench-admin-key",
@@ -300,7 +297,7 @@ def scrape_metrics(proxy_url: str) -> str:
     """The proxy's /metrics (behind the key the harness starts it with)."""
     import httpx
 
-    from tests.proxy_harness import METRICS_KEY
+    from evaluation.testing import METRICS_KEY
 
     return httpx.get(f"{proxy_url}/metrics", headers={"authorization": f"Bearer {METRICS_KEY}"}, timeout=10).text
 

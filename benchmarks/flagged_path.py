@@ -35,7 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pybase64
 import torch
@@ -54,7 +53,8 @@ from _common import (
 from corruption.embeddings import EmbeddingTable
 from corruption.functions import corrupt
 from corruption.keys import keyed_generator
-from corruption.payload import prompt_embeds_base64, request_body_with_embeds
+from vllm_client import BackendError, VllmClient
+from vllm_client.embeds import prompt_embeds_base64, request_body_with_embeds
 from corruption.spec import CorruptionSpec
 
 LENGTHS = (16, 64, 256, 1024, 4096, 8192)
@@ -179,20 +179,19 @@ def profile_serialisation(table: EmbeddingTable, tokens: int) -> dict[str, Any]:
 
 def backend_check(backend_url: str, model_dir: Path, tokenizer: Any) -> dict[str, Any]:
     """One prompt through a live vLLM as the proxy sends it, against the same prompt as text (greedy)."""
-    try:
-        cards = httpx.get(f"{backend_url}/v1/models", timeout=5).json()["data"]
-    except (httpx.HTTPError, ValueError, KeyError):
-        return {"checked": False, "reason": f"no backend at {backend_url}"}
-    prompt = "The headmaster of Hogwarts is Albus"
-    embeds = EmbeddingTable.from_model_dir(model_dir).embed(tokenizer(prompt).input_ids)
-    body = {"model": cards[0]["id"], "max_tokens": 4, "temperature": 0}
-    answers = {}
-    for name, request in (("text", json.dumps({**body, "prompt": prompt}).encode()),
-                          ("prompt_embeds", b"".join(serialise(embeds, body)))):
-        response = httpx.post(f"{backend_url}/v1/completions", timeout=120, content=request,
-                              headers={"content-type": "application/json"})
-        answers[name] = response.json()["choices"][0]["text"] if response.status_code == 200 else (
-            f"HTTP {response.status_code}: {response.text[:200]}")
+    with VllmClient(backend_url, timeout=120) as client:
+        try:
+            model = client.served_model()
+        except BackendError:
+            return {"checked": False, "reason": f"no backend at {backend_url}"}
+        prompt = "The headmaster of Hogwarts is Albus"
+        embeds = EmbeddingTable.from_model_dir(model_dir).embed(tokenizer(prompt).input_ids)
+        body = {"model": model, "max_tokens": 4, "temperature": 0}
+        answers = {}
+        for name, request in (("text", {**body, "prompt": prompt}), ("prompt_embeds", serialise(embeds, body))):
+            reply = client.request_json("POST", "/v1/completions", request)
+            answers[name] = reply.body["choices"][0]["text"] if reply.status == 200 else (
+                f"HTTP {reply.status}: {reply.text[:200]}")
     return {"checked": True, "backend": backend_url, "answers": answers,
             "all_equal": len(set(answers.values())) == 1}
 

@@ -48,7 +48,7 @@ from _common import (
 )
 from echo_upstream import ECHO_TEXT
 
-from proxy.backend import free_port
+from vllm_client.server import free_port
 
 HERE = Path(__file__).resolve().parent
 CONCURRENCIES = {"quick": (1, 8, 32), "full": (1, 8, 32, 64)}

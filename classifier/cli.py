@@ -110,22 +110,6 @@ def _eval_gate(args: argparse.Namespace) -> int:
 
 
 # -- forget/retain files (the logistic baseline) --------------------------------------------
-def _texts(paths: list[Path], split: str) -> list[str]:
-    from classifier.data import read_jsonl
-    from classifier.data import split as split_records
-
-    records = [r for path in paths for r in read_jsonl(path)]
-    if split != "all":
-        records = split_records(records)[split]
-    return [r["text"] for r in records]
-
-
-def _percent(value: float | None, interval: list[float] | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{100 * value:5.1f}%  [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
-
-
 def _train(args: argparse.Namespace) -> int:
     if args.gate_data is not None:
         if args.forget or args.retain:
@@ -140,40 +124,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_files(args: argparse.Namespace) -> int:
-    from classifier.data import entity_prompts, read_terms
-    from classifier.entities import distinctive_terms
-    from classifier.model import PromptClassifier
+    from classifier.training import FileTraining, train_logistic_files
 
+    job = FileTraining(args.forget, args.retain, args.out, alpha=args.alpha, encoder=args.encoder, C=args.C,
+                       seed=args.seed, entities=args.entities, entities_top_k=args.entities_top_k,
+                       forget_entities=tuple(args.forget_entities), retain_entities=tuple(args.retain_entities))
     try:
-        forget = {s: _texts(args.forget, s) for s in ("train", "calibration", "test")}
-        retain = {s: _texts(args.retain, s) for s in ("train", "calibration", "test")}
-        entities = read_terms(args.entities) if args.entities else None
-        forget_named = entity_prompts([name for path in args.forget_entities for name in read_terms(path)])
-        retain_named = entity_prompts([name for path in args.retain_entities for name in read_terms(path)])
-        for label, parts, named in (("forget", forget, forget_named), ("retain", retain, retain_named)):
-            print(f"{label} prompts  train {len(parts['train'])}  calibration {len(parts['calibration'])}  "
-                  f"test {len(parts['test'])}" + (f"  (+ {len(named)} from names, train only)" if named else ""))
-        classifier = PromptClassifier(args.encoder, C=args.C, random_state=args.seed)
-        print("encoding and fitting the training split ...")
-        positives, negatives = forget["train"] + forget_named, retain["train"] + retain_named
-        classifier.fit(positives + negatives, [1] * len(positives) + [0] * len(negatives), progress=True)
-        print(f"calibrating on {len(retain['calibration'])} held-out retain prompts (alpha {args.alpha}) ...")
-        classifier.calibrate(retain["calibration"], args.alpha)
-        print("scoring the test split ...")
-        report = classifier.evaluate(forget["test"], retain["test"])
+        train_logistic_files(job)
     except (OSError, ValueError) as exc:
         print(f"eco-proxy classifier train: {exc}", file=sys.stderr)
         return 2
-    classifier.metrics_["test"] = report
-    classifier.entities_ = entities if entities is not None else distinctive_terms(
-        forget["train"], retain["train"], top_k=args.entities_top_k)
-    classifier.save(args.out)
-    print(f"\nthreshold {classifier.threshold_:.4f}  (alpha {args.alpha})")
-    print(f"test FPR     {_percent(report['fpr'], report['fpr_ci'])}   on {report['n_retain']} retain prompts")
-    print(f"test recall  {_percent(report['recall'], report['recall_ci'])}   on {report['n_forget']} forget prompts")
-    print(f"test AUC     {report.get('auc', float('nan')):.4f}")
-    print(f"entities     {', '.join(classifier.entities_[:15])}{' ...' if len(classifier.entities_) > 15 else ''}")
-    print(f"wrote {args.out}")
     return 0
 
 
@@ -187,6 +147,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_files(args: argparse.Namespace) -> int:
+    from classifier.training import percent as _percent, texts as _texts
+
     from classifier.metrics import wilson_interval
     from classifier.model import PromptClassifier
 

@@ -131,3 +131,72 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
     log(f"entities: {', '.join(classifier.entities_[:15])}{' ...' if len(classifier.entities_) > 15 else ''}")
     log(f"wrote {job.out} (and report.md in it)")
     return reports
+
+
+@dataclass(frozen=True)
+class FileTraining:
+    """The logistic baseline on prompt files (JSONL of `text`), each split by `classifier.data.split`."""
+
+    forget: tuple[Path, ...] | list[Path]
+    retain: tuple[Path, ...] | list[Path]
+    out: Path
+    alpha: float = 0.01
+    encoder: str = DEFAULT_ENCODER
+    C: float = 10.0
+    seed: int = 0
+    entities: Path | None = None
+    entities_top_k: int = 40
+    forget_entities: tuple[Path, ...] = ()  # names, one per line, made into extra training prompts
+    retain_entities: tuple[Path, ...] = ()
+
+
+def train_logistic_files(job: FileTraining, log: Any = print) -> dict[str, Any]:
+    """Fit on the train split, calibrate on the retain calibration split, report the test split; writes
+    the artifact to `job.out` and returns the test report."""
+    from classifier.data import entity_prompts, read_terms
+    from classifier.entities import distinctive_terms
+    from classifier.model import PromptClassifier
+
+    forget = {s: texts(job.forget, s) for s in ("train", "calibration", "test")}
+    retain = {s: texts(job.retain, s) for s in ("train", "calibration", "test")}
+    entities = read_terms(job.entities) if job.entities else None
+    forget_named = entity_prompts([name for path in job.forget_entities for name in read_terms(path)])
+    retain_named = entity_prompts([name for path in job.retain_entities for name in read_terms(path)])
+    for label, parts, named in (("forget", forget, forget_named), ("retain", retain, retain_named)):
+        log(f"{label} prompts  train {len(parts['train'])}  calibration {len(parts['calibration'])}  "
+            f"test {len(parts['test'])}" + (f"  (+ {len(named)} from names, train only)" if named else ""))
+    classifier = PromptClassifier(job.encoder, C=job.C, random_state=job.seed)
+    log("encoding and fitting the training split ...")
+    positives, negatives = forget["train"] + forget_named, retain["train"] + retain_named
+    classifier.fit(positives + negatives, [1] * len(positives) + [0] * len(negatives), progress=True)
+    log(f"calibrating on {len(retain['calibration'])} held-out retain prompts (alpha {job.alpha}) ...")
+    classifier.calibrate(retain["calibration"], job.alpha)
+    log("scoring the test split ...")
+    report = classifier.evaluate(forget["test"], retain["test"])
+    classifier.metrics_["test"] = report
+    classifier.entities_ = entities if entities is not None else distinctive_terms(
+        forget["train"], retain["train"], top_k=job.entities_top_k)
+    classifier.save(job.out)
+    log(f"\nthreshold {classifier.threshold_:.4f}  (alpha {job.alpha})")
+    log(f"test FPR     {percent(report['fpr'], report['fpr_ci'])}   on {report['n_retain']} retain prompts")
+    log(f"test recall  {percent(report['recall'], report['recall_ci'])}   on {report['n_forget']} forget prompts")
+    log(f"test AUC     {report.get('auc', float('nan')):.4f}")
+    log(f"entities     {', '.join(classifier.entities_[:15])}{' ...' if len(classifier.entities_) > 15 else ''}")
+    log(f"wrote {job.out}")
+    return report
+
+
+def texts(paths: list[Path], split: str) -> list[str]:
+    from classifier.data import read_jsonl
+    from classifier.data import split as split_records
+
+    records = [r for path in paths for r in read_jsonl(path)]
+    if split != "all":
+        records = split_records(records)[split]
+    return [r["text"] for r in records]
+
+
+def percent(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:5.1f}%  [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"

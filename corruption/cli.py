@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,62 +44,19 @@ def register(groups: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from corruption.embeddings import EmbeddingError
+    from corruption.training import CorruptionTraining, train_corruption
+    from vllm_client import BackendError
 
-    from corruption.embeddings import EmbeddingError, EmbeddingTable
-    from corruption.probes import read_multiple_choice, read_probes
-    from corruption.spec import CorruptionSpec
-    from corruption.trainer import BackendError, CorruptionTrainer, EmbedsBackend
-    from corruption.zo import ZerothOrderOptimizer
-
+    job = CorruptionTraining(
+        backend_url=args.backend_url, model_dir=args.model_dir, out=args.out, score=args.score, probes=args.probes,
+        control=args.control, mc=args.mc, goal=args.goal, method=args.method, dims=args.dims, vector=args.vector,
+        scope=args.scope, entities=args.entities, initial=args.initial, steps=args.steps, lr=args.lr, mu=args.mu,
+        tolerance=args.tolerance, samples=args.samples, max_tokens=args.max_tokens,
+        embedding_scale=args.embedding_scale, skip_embedding_check=args.skip_embedding_check, seed=args.seed)
     try:
-        if args.score == "probes" and not args.probes:
-            raise ValueError("--score probes needs --probes")
-        if args.score == "mc" and not args.mc:
-            raise ValueError("--score mc needs --mc")
-        if args.vector and args.method != "gaussian_first_n":
-            raise ValueError("--vector needs --method gaussian_first_n")
-        data = read_probes(args.probes) if args.score == "probes" else read_multiple_choice(args.mc)
-        control = read_probes(args.control) if args.control else None
-        entities = [t.strip() for t in args.entities.read_text().splitlines() if t.strip()] if args.entities else []
-        embeddings = EmbeddingTable.from_model_dir(args.model_dir, scale=args.embedding_scale)
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        dims = args.dims or embeddings.hidden_size
-        initial = [args.initial] * dims if args.vector else args.initial
-        fields = {"sigma": initial, "dims": dims} if args.method in GAUSSIAN else {"value": initial}
-        spec = CorruptionSpec(method=args.method, scope=args.scope, **fields)
-        backend = EmbedsBackend(args.backend_url)
-        trainer = CorruptionTrainer(backend, tokenizer, embeddings, spec, entities=entities,
-                                    samples=args.samples, max_tokens=args.max_tokens,
-                                    check_embeddings=not args.skip_embedding_check)
-        check = trainer.verify_backend()  # before any probe is sent
-        if check.status == "passed":
-            print(check.message)
-        goal = args.goal
-        if goal is None and args.score == "mc":
-            goal = sum(q.chance for q in data) / len(data)
-        if goal is None:
-            if control is None:
-                raise ValueError("give --control probes or an explicit --goal")
-            goal = trainer.probe_hit_rate(control, None)
-            print(f"control probes answered uncorrupted: {goal:.3f} (the goal)")
-        optimizer = ZerothOrderOptimizer(lr=args.lr, mu=args.mu, max_steps=args.steps, target=args.tolerance,
-                                         random_state=args.seed)
-        result = trainer.train(args.score, data, goal, optimizer, initial)
-        if args.score == "probes":
-            result["fluency"] = trainer.fluency([p.prompt for p in data[:40]], result["spec"]["sigma"]
-                                                if args.method in GAUSSIAN else result["spec"]["value"])
-            report = result["fluency"]
-            print(f"fluency, corrupted vs uncorrupted: unique-word ratio "
-                  f"{report['corrupted']['mean_unique_word_ratio']:.2f} vs {report['uncorrupted']['mean_unique_word_ratio']:.2f}, "
-                  f"repetitive {report['corrupted']['repetitive_rate']:.2f} vs {report['uncorrupted']['repetitive_rate']:.2f}, "
-                  f"empty {report['corrupted']['empty_rate']:.2f}")
-        if control is not None:
-            result["control"] = {"n": len(control), "uncorrupted_rate": goal if args.goal is None else None}
+        train_corruption(job)
     except (OSError, ValueError, EmbeddingError, BackendError) as exc:
         print(f"eco-proxy corruption train: {exc}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
     return 0

@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
-
 from corruption.embeddings import EmbeddingTable, architecture_scale
-from corruption.payload import prompt_embeds_base64, request_body_with_embeds
+from vllm_client import BackendUnavailable, VllmClient, prompt_embeds_base64, request_body_with_embeds
+from vllm_client.client import normalise_url
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ Status = Literal["passed", "failed", "skipped", "pending"]
 _GAUGE = {"passed": 1.0, "failed": 0.0, "skipped": -1.0, "pending": math.nan}
 
 
-class EmbeddingCheckUnavailable(RuntimeError):
+class EmbeddingCheckUnavailable(BackendUnavailable):
     """The backend could not be asked (unreachable, timed out): no verdict either way."""
 
 
@@ -159,21 +158,21 @@ class EmbeddingCheck:
 
     def run(self, base_url: str, timeout: float = 120.0) -> EmbeddingCheckResult:
         """Ask the backend; a verdict (passed or failed), or EmbeddingCheckUnavailable."""
-        base_url = base_url.rstrip("/").removesuffix("/v1")
+        base_url = normalise_url(base_url)
         token_ids = list(self.tokenizer(self.prompt)["input_ids"])
         payload = prompt_embeds_base64(self.embeddings.embed(token_ids))
         body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0.0,
                 "logprobs": TOP_LOGPROBS, "return_tokens_as_token_ids": True}
-        with httpx.Client(base_url=base_url, timeout=httpx.Timeout(timeout, connect=5.0)) as client:
-            version = backend_version(client)
+        with VllmClient(base_url, timeout=timeout) as client:
+            version = client.version()
             result = {"backend_url": base_url, "backend_version": version, "model": self.model,
                       "scale": self.embeddings.scale, "tolerance": self.tolerance}
             comparison = None
             for _ in range(self.attempts):
-                text, error = _complete(client, json.dumps({**body, "prompt": self.prompt}).encode())
+                text, error = _complete(client, {**body, "prompt": self.prompt})
                 if error:
                     return EmbeddingCheckResult("failed", self._refused("text", error, version, base_url), **result)
-                embeds, error = _complete(client, b"".join(request_body_with_embeds(body, payload)))
+                embeds, error = _complete(client, request_body_with_embeds(body, payload))
                 if error:
                     return EmbeddingCheckResult("failed", self._refused("prompt_embeds", error, version, base_url),
                                                 **result)
@@ -224,32 +223,18 @@ class EmbeddingCheck:
                 f"({self._scale_origin()}; --embedding-scale); tested with vLLM {TESTED_VLLM_VERSION}.")
 
 
-def backend_version(client: httpx.Client) -> str:
-    """vLLM's GET /version, or "unknown"."""
+def _complete(client: VllmClient, body: dict[str, Any] | list[bytes]) -> tuple[dict[str, Any], str | None]:
     try:
-        response = client.get("/version")
-        if response.status_code == 200:
-            return str(response.json().get("version", "unknown"))
-    except (httpx.TransportError, ValueError, AttributeError):
-        pass
-    return "unknown"
-
-
-def _complete(client: httpx.Client, content: bytes) -> tuple[dict[str, Any], str | None]:
-    try:
-        response = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
-    except httpx.TransportError as exc:
-        raise EmbeddingCheckUnavailable(f"the backend at {client.base_url} did not answer the embedding check "
-                                        f"({type(exc).__name__})") from exc
-    if response.status_code != 200:
-        return {}, f"{response.status_code} {response.text[:300]}"
-    try:
-        body = response.json()
-        if not body.get("choices"):
-            return {}, "no choices in the answer"
-        return body, None
-    except ValueError:
+        reply = client.request_json("POST", "/v1/completions", body)
+    except BackendUnavailable as exc:
+        raise EmbeddingCheckUnavailable(f"the backend did not answer the embedding check ({exc})") from exc
+    if reply.status != 200:
+        return {}, f"{reply.status} {reply.text[:300]}"
+    if not isinstance(reply.body, dict):
         return {}, "the answer is not JSON"
+    if not reply.body.get("choices"):
+        return {}, "no choices in the answer"
+    return reply.body, None
 
 
 def run_or_skip(check: EmbeddingCheck, base_url: str, skip: bool) -> EmbeddingCheckResult:

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-SECRET_KEY_ENV = "ECO_SECRET_KEY"
 
 
 def keyed_generator(secret_key: bytes, token_ids: Sequence[int], target: str) -> torch.Generator:
@@ -23,11 +20,3 @@ def keyed_generator(secret_key: bytes, token_ids: Sequence[int], target: str) ->
     message = target.encode() + b"\0" + np.asarray(token_ids, dtype="<i8").tobytes()
     digest = hmac.new(secret_key, message, hashlib.sha256).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)  # seed must fit int64
-
-
-def secret_key_from_env(default: str | None = None) -> bytes:
-    """The key from ECO_SECRET_KEY, else `default`; an error if neither is set."""
-    value = os.environ.get(SECRET_KEY_ENV) or default
-    if not value:
-        raise ValueError(f"no corruption secret key: set {SECRET_KEY_ENV}")
-    return value.encode()

@@ -22,27 +22,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, EmbeddingCheckUnavailable, run_or_skip
+from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, run_or_skip
 from corruption.embeddings import EmbeddingTable
 from corruption.fluency import fluency_report
-from corruption.functions import corrupt
-from corruption.keys import keyed_generator
-from corruption.payload import prompt_embeds_base64, request_body_with_embeds
 from corruption.probes import MultipleChoice, Probe
-from corruption.scope import entity_mask
+from corruption.prompt import corrupted_embeddings, scope_mask
 from corruption.spec import CorruptionSpec
 from corruption.zo import ZerothOrderOptimizer, ZOStep
+from vllm_client import BackendError, VllmClient, prompt_embeds_base64, request_body_with_embeds
 
 RESULT_FORMAT = "eco-corruption-result/1"
-
-
-class BackendError(RuntimeError):
-    """The backend refused or failed a request."""
 
 
 class EmbedsBackend:
@@ -50,19 +43,11 @@ class EmbedsBackend:
 
     def __init__(self, base_url: str, model: str | None = None, batch_size: int = 32,
                  concurrency: int = 4, timeout: float = 600.0):
-        self.base_url = base_url.rstrip("/").removesuffix("/v1")
-        self.client = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.client = VllmClient(base_url, timeout=timeout, max_connections=concurrency)
+        self.base_url = self.client.base_url
         self.batch_size = batch_size
         self.concurrency = concurrency
-        self.model = model or self._served_model()
-
-    def _served_model(self) -> str:
-        try:
-            response = self.client.get("/v1/models")
-            response.raise_for_status()
-            return response.json()["data"][0]["id"]
-        except (httpx.HTTPError, KeyError, IndexError) as exc:
-            raise BackendError(f"cannot list the models of {self.base_url}: {exc}") from exc
+        self.model = model or self.client.served_model()
 
     def complete(self, embeds: Sequence[torch.Tensor], max_tokens: int, logprobs: int | None = None,
                  progress: str | None = None) -> list[dict[str, Any]]:
@@ -80,15 +65,8 @@ class EmbedsBackend:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0}
         if logprobs is not None:
             body["logprobs"] = logprobs
-        content = b"".join(request_body_with_embeds(body, [prompt_embeds_base64(e) for e in batch]))
-        try:
-            response = self.client.post("/v1/completions", content=content,
-                                        headers={"content-type": "application/json"})
-        except httpx.HTTPError as exc:
-            raise BackendError(f"backend {self.base_url} unreachable: {exc}") from exc
-        if response.status_code != 200:
-            raise BackendError(f"backend answered {response.status_code}: {response.text[:300]}")
-        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        answer = self.client.completions(request_body_with_embeds(body, [prompt_embeds_base64(e) for e in batch]))
+        choices = sorted(answer["choices"], key=lambda c: c["index"])
         if len(choices) != len(batch):
             raise BackendError(f"asked for {len(batch)} completions, got {len(choices)}")
         return choices
@@ -134,10 +112,7 @@ class CorruptionTrainer:
         """The embedding check against the backend, once; BackendError when it reads our embeddings otherwise."""
         if self.embedding_check is None:
             check = EmbeddingCheck(self.tokenizer, self.embeddings, self.backend.model)
-            try:
-                result = run_or_skip(check, self.backend.base_url, skip=not self.check_embeddings)
-            except EmbeddingCheckUnavailable as exc:
-                raise BackendError(str(exc)) from exc
+            result = run_or_skip(check, self.backend.base_url, skip=not self.check_embeddings)  # or BackendUnavailable
             if result.status == "failed":
                 raise BackendError(result.message)
             self.embedding_check = result
@@ -171,18 +146,13 @@ class CorruptionTrainer:
         if strength is None:
             return [[self.embeddings.embed(e.token_ids)] for e in encoded]
         spec = self.spec.with_strength(_as_strength(strength))
-        return [[corrupt(self.embeddings.embed(e.token_ids), spec, e.mask,
-                         keyed_generator(self.secret_key, e.token_ids, f"draw-{draw}"))
+        return [[corrupted_embeddings(self.embeddings, e.token_ids, spec, e.mask, self.secret_key, f"draw-{draw}")
                  for draw in range(self.samples)] for e in encoded]
 
     def _encode(self, prompt: str) -> _Encoded:
         encoding = self.tokenizer(prompt, return_offsets_mapping=True)
-        ids = list(encoding["input_ids"])
-        if self.spec.scope == "entities":
-            mask = entity_mask(encoding["offset_mapping"], prompt, self.entities).mask
-        else:
-            mask = torch.ones(len(ids), dtype=torch.bool)
-        return _Encoded(ids, mask)
+        return _Encoded(list(encoding["input_ids"]),
+                        scope_mask(self.spec, encoding["offset_mapping"], prompt, self.entities))
 
     # -- training -----------------------------------------------------------------------
     def train(self, score: Literal["probes", "mc"], data: Sequence[Probe] | Sequence[MultipleChoice],

@@ -1,4 +1,4 @@
-"""The `eco-proxy` command: one entry point, each room registers its own subcommands."""
+"""The `eco-proxy` command: one entry point; the proxy, the classifier and the corruption each register their subcommands."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""Subcommands of the proxy room: `serve`, `model prepare` and `eval`."""
+"""The proxy's subcommands: `serve`, `model prepare`, `demo build` and `eval` (the last two call `evaluation`)."""
 from __future__ import annotations
 
 import argparse
@@ -131,26 +131,32 @@ def _prepare(args: argparse.Namespace) -> int:
 def _demo_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from proxy.backend import VllmServer
-    from proxy.demo import build
+    from corruption.embeddings import EmbeddingError
+    from evaluation.demo_build import build
+    from vllm_client import BackendError
+    from vllm_client.server import VllmServer
     from proxy.model_prep import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = Path(args.model_dir) if args.model_dir else prepare_default_model()
-    if args.backend_url:
-        return build(args.backend_url, model_dir)
-    with VllmServer(model_dir, DEFAULT_MODEL_NAME, log_path=cache_dir() / "logs" / "vllm-demo-build.log") as server:
-        return build(server.url, model_dir)
+    try:
+        if args.backend_url:
+            return build(args.backend_url, model_dir)
+        with VllmServer(model_dir, DEFAULT_MODEL_NAME, log_path=cache_dir() / "logs" / "vllm-demo-build.log") as server:
+            return build(server.url, model_dir)
+    except (OSError, ValueError, EmbeddingError, BackendError) as exc:
+        print(f"eco-proxy demo build: {exc}", file=sys.stderr)
+        return 2
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from corruption.embedding_check import EmbeddingCheckUnavailable
-    from proxy.evaluation.client import Endpoint, EndpointError
-    from proxy.evaluation.harness import evaluate, load_target
-    from proxy.evaluation.report import markdown, plots
+    from evaluation.client import Endpoint
+    from evaluation.harness import evaluate, load_target
+    from evaluation.report import markdown, plots
+    from vllm_client import BackendError
 
     if bool(args.second_data) != bool(args.two_targets):
         print("eco-proxy eval: --second-data and --two-targets go together", file=sys.stderr)
@@ -165,7 +171,7 @@ def _eval(args: argparse.Namespace) -> int:
         guarded = Endpoint(args.guarded, raw.model, concurrency=args.concurrency)
         both = Endpoint(args.two_targets, raw.model, concurrency=args.concurrency) if args.two_targets else None
         report = evaluate(raw, guarded, target, args.description, second, both)
-    except (OSError, ValueError, KeyError, EndpointError, EmbeddingCheckUnavailable) as exc:
+    except (OSError, ValueError, KeyError, BackendError) as exc:
         print(f"eco-proxy eval: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)

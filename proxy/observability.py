@@ -1,12 +1,13 @@
-"""Prometheus metrics and the JSONL audit log: one line per request, nothing of the prompt by default."""
+"""Prometheus metrics and the JSONL audit log: one line per request (every prompt's decision in it),
+nothing of the prompt's text by default."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,10 +51,11 @@ def prompt_hash(text: str) -> str:
 
 
 class AuditLog:
-    """Appends one JSON object per line; `-` means standard output, None disables it."""
+    """Appends one JSON object per line; `-` means standard output, None disables it. Lines are
+    written in order by a thread of their own, so a slow disk never holds up the event loop."""
 
     def __init__(self, destination: str | None):
-        self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit")
         self._stream: IO[str] | None
         if destination is None:
             self._stream = None
@@ -64,14 +66,22 @@ class AuditLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._stream = path.open("a", buffering=1, encoding="utf-8")
 
+    @property
+    def enabled(self) -> bool:
+        return self._stream is not None
+
     def write(self, record: dict[str, Any]) -> None:
         if self._stream is None:
             return
-        line = json.dumps({"time": time.time(), **record}, ensure_ascii=False)
-        with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+        self._writer.submit(self._append, {"time": time.time(), **record})
+
+    def _append(self, record: dict[str, Any]) -> None:
+        assert self._stream is not None
+        self._stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._stream.flush()
 
     def close(self) -> None:
+        """Writes what is queued, then closes."""
+        self._writer.shutdown(wait=True)
         if self._stream not in (None, sys.stdout):
             self._stream.close()

@@ -21,13 +21,13 @@ from classifier.encoder import DEFAULT_CACHE_SIZE, EncoderPool
 from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, EmbeddingCheckUnavailable
 from corruption.embeddings import EmbeddingError, EmbeddingTable
 from proxy.app import ProxyState, create_app
-from proxy.backend import VllmServer, backend_is_ready
 from proxy.guard import Guard
 from proxy.model_prep import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
 from proxy.observability import AuditLog, Metrics
 from proxy.policy import PolicyError, load_policy
 from proxy.prompts import PromptBuilder
-from proxy.upstream import BackendUnavailable, Upstream
+from vllm_client import AsyncVllmClient, BackendUnavailable, backend_is_ready
+from vllm_client.server import VllmServer
 
 log = logging.getLogger("eco-proxy")
 
@@ -126,16 +126,17 @@ def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> 
     embeddings = EmbeddingTable.from_model_dir(model_dir, scale=settings.embedding_scale)
     policy = load_policy(settings.policy, encoders, embeddings.hidden_size)
     metrics = Metrics()
+    audit = AuditLog(settings.audit_log)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     state = ProxyState(
         policy=policy,
         policy_path=str(settings.policy),
         served_model_name=settings.served_model_name,
         builder=PromptBuilder(tokenizer),
-        guard=Guard(embeddings, _secret_key(settings.secret_key), metrics),
-        upstream=Upstream(backend_url, api_key=settings.upstream_api_key),
+        guard=Guard(embeddings, _secret_key(settings.secret_key), metrics, audit, torch_executor=torch_thread),
+        upstream=AsyncVllmClient(backend_url, api_key=settings.upstream_api_key),
         metrics=metrics,
-        audit=AuditLog(settings.audit_log),
+        audit=audit,
         admin_key=settings.admin_key,
         api_keys=_client_keys(settings),
         metrics_key=settings.metrics_key,
@@ -193,11 +194,10 @@ async def _check_when_backend_answers(state: ProxyState, settings: ServeSettings
     """The start-up check for a backend that was not reachable at start: a mismatch stops the proxy."""
     while True:
         try:
-            status, _ = await state.upstream.get_json("/v1/models")
-            if status == 200:
+            if await state.upstream.is_ready():
                 result = await asyncio.to_thread(state.embedding_checker.run, state.upstream.base_url)
                 break
-        except (BackendUnavailable, ValueError, EmbeddingCheckUnavailable):
+        except BackendUnavailable:  # EmbeddingCheckUnavailable included
             pass
         await asyncio.sleep(poll)
     state.record_embedding_check(result)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.backend import VllmServer
+from vllm_client.server import VllmServer
 from proxy.model_prep import DEFAULT_MODEL_NAME, prepare_default_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

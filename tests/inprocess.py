@@ -127,18 +127,18 @@ def build_app(model_dir: Path, upstream: RecordingUpstream, headers: str = "full
     from proxy.observability import AuditLog, Metrics
     from proxy.policy import ActivePolicy, ActiveTarget
     from proxy.prompts import PromptBuilder
-    from proxy.upstream import Upstream
+    from vllm_client import AsyncVllmClient
 
     tokenizer, embeddings = _model_parts(model_dir)
     target = ActiveTarget("harry_potter", KeywordGate(), 0.5,
                           CorruptionSpec(method="gaussian_first_n", dims=embeddings.hidden_size, sigma=1.0),
                           ("Hermione",), "closed")
     policy = ActivePolicy("stub-1", (target,), False, Path("policy.yaml"), headers)
-    metrics = Metrics()
+    metrics, audit = Metrics(), AuditLog(None)
     state = ProxyState(
         policy=policy, policy_path="policy.yaml", served_model_name=STUB_MODEL,
         builder=PromptBuilder(tokenizer),
-        guard=Guard(embeddings, b"test-key", metrics),
-        upstream=Upstream("http://upstream", transport=httpx.ASGITransport(app=upstream)),
-        metrics=metrics, audit=AuditLog(None), encoders=EncoderPool(0), **state_options)
+        guard=Guard(embeddings, b"test-key", metrics, audit),
+        upstream=AsyncVllmClient("http://upstream", transport=httpx.ASGITransport(app=upstream)),
+        metrics=metrics, audit=audit, encoders=EncoderPool(0), **state_options)
     return create_app(state)

@@ -133,7 +133,7 @@ def test_refused_request_and_unreachable_backend(backend, tokenizer):
     table = EmbeddingTable.from_model_dir(backend.model_dir)
     refused = EmbeddingCheck(tokenizer, table, "no-such-model").run(backend.url)
     assert refused.status == "failed" and "refused the check's text request: 404" in refused.message
-    from proxy.backend import free_port
+    from vllm_client.server import free_port
 
     with pytest.raises(EmbeddingCheckUnavailable):
         EmbeddingCheck(tokenizer, table, backend.served_model_name).run(f"http://127.0.0.1:{free_port()}")

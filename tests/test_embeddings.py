@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from corruption.embeddings import EmbeddingError, EmbeddingTable
-from corruption.payload import encode_prompt_embeds, prompt_embeds_base64, request_body_with_embeds
+from vllm_client.embeds import encode_prompt_embeds, prompt_embeds_base64, request_body_with_embeds
 
 pytestmark = pytest.mark.unit
 

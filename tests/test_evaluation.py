@@ -6,10 +6,10 @@ import json
 import pytest
 
 from corruption.probes import Probe
-from proxy.evaluation.client import Reply
-from proxy.evaluation.harness import TargetData, evaluate, load_target
-from proxy.evaluation.metrics import answer_rate, identity_rate, rouge_l_f1
-from proxy.evaluation.report import markdown, plots
+from evaluation.client import Reply
+from evaluation.harness import TargetData, evaluate, load_target
+from evaluation.metrics import answer_rate, identity_rate, rouge_l_f1
+from evaluation.report import markdown, plots
 
 pytestmark = pytest.mark.unit
 

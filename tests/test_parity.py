@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from corruption.embeddings import EmbeddingTable
-from corruption.payload import encode_prompt_embeds
+from vllm_client.embeds import encode_prompt_embeds
 from proxy.prompts import PromptBuilder
 from proxy.protocol import ChatCompletionRequest
 

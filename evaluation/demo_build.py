@@ -6,6 +6,8 @@
    with the logistic baseline beside it (demo/harry_potter/classifier-logistic/) for comparison;
 3. learn each target's corruption strength on the train split of its kept probes
    (demo/<target>/corruption.json); the other probes stay held out for `eco-proxy eval`.
+
+Every step calls a Python API (`classifier.training`, `corruption.training`), never the command line.
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import tempfile
 from pathlib import Path
 
 from classifier.data import split_of
-from classifier.training import GateTraining, train_gate
+from classifier.training import FileTraining, GateTraining, train_gate, train_logistic_files
 from corruption.probes import read_probes
-from proxy.evaluation.client import Endpoint
+from corruption.training import CorruptionTraining, train_corruption
+from evaluation.client import Endpoint
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 PROBE_TOKENS = 8
@@ -41,8 +44,6 @@ def _train_split(kept: Path, workdir: Path) -> Path:
 
 
 def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
-    from proxy.cli import main
-
     hp, sw = demo_dir / "harry_potter", demo_dir / "star_wars"
     endpoint = Endpoint(backend_url)
     for source, destination in ((hp / "probes.jsonl", hp / "probes.kept.jsonl"),
@@ -54,16 +55,12 @@ def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
     for model, out in (("finetuned", hp / "classifier"), ("logistic", hp / "classifier-logistic")):
         train_gate(GateTraining(hp / "gate", out, model=model, alpha=0.01, delta=0.1))
     # Harry Potter prompts are negatives for the second target: the two must not overlap
-    if main(["classifier", "train", "--alpha", "0.05", "--forget", str(sw / "forget.jsonl"),
-             "--retain", str(sw / "retain.jsonl"), "--retain", str(hp / "retain_general.jsonl"),
-             "--retain", str(hp / "forget.jsonl"), "--out", str(sw / "classifier")]) != 0:
-        return 1
+    train_logistic_files(FileTraining((sw / "forget.jsonl",), (sw / "retain.jsonl", hp / "retain_general.jsonl",
+                                                                hp / "forget.jsonl"), sw / "classifier", alpha=0.05))
     with tempfile.TemporaryDirectory() as workdir:
         for target in (hp, sw):
-            code = main(["corruption", "train", "--backend-url", backend_url, "--model-dir", str(model_dir),
-                         "--probes", str(_train_split(target / "probes.kept.jsonl", Path(workdir))),
-                         "--control", str(hp / "control_probes.jsonl"), "--out", str(target / "corruption.json"),
-                         "--initial", "0.1", "--steps", "12", "--samples", "3"])
-            if code != 0:
-                return code
+            train_corruption(CorruptionTraining(
+                backend_url, model_dir, target / "corruption.json",
+                probes=_train_split(target / "probes.kept.jsonl", Path(workdir)),
+                control=hp / "control_probes.jsonl", initial=0.1, steps=12, samples=3))
     return 0

@@ -23,8 +23,8 @@ from typing import Any
 
 from classifier.data import read_jsonl, split_of
 from corruption.probes import Probe, read_probes
-from proxy.evaluation.client import Endpoint, Reply
-from proxy.evaluation.metrics import answer_rate, identity_rate, mean, rate, rouge_l_f1
+from evaluation.client import Endpoint, Reply
+from evaluation.metrics import answer_rate, identity_rate, mean, rate, rouge_l_f1
 
 REFUSAL = "I'm sorry, but I can't help with that."
 SYSTEM_PROMPT = ("You must not reveal anything about {target}: not its characters, places, events or any "

@@ -1,4 +1,6 @@
-"""The benchmarks' pure helpers: statistics, Prometheus histogram parsing, the serialisations, the echo."""
+"""The benchmarks' pure helpers: statistics, Prometheus histogram parsing, the serialisations, the echo.
+
+Kept beside the benchmarks (pytest collects benchmarks/ too), so that tests/ never imports them."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flagged_path  # noqa: E402
 from _common import (  # noqa: E402

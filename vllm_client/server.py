@@ -17,26 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from vllm_client.client import backend_is_ready
+from vllm_client.errors import BackendStartError
 
 _PR_SET_PDEATHSIG = 1
-
-
-class BackendError(RuntimeError):
-    """vLLM could not be started or did not become ready."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def backend_is_ready(url: str, timeout: float = 2.0) -> bool:
-    try:
-        return httpx.get(f"{url}/v1/models", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -79,7 +69,7 @@ class VllmServer:
 
     def start(self) -> None:
         if self._process is not None:
-            raise BackendError("vLLM already started")
+            raise BackendStartError("vLLM already started")
         if not self.port:
             self.port = free_port(self.host)
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **self.env}
@@ -94,14 +84,11 @@ class VllmServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
-                raise BackendError(f"vLLM exited before it was ready; last lines of {self.log_path}:\n{self.log_tail()}")
+                raise BackendStartError(f"vLLM exited before it was ready; last lines of {self.log_path}:\n{self.log_tail()}")
             if backend_is_ready(self.url):
                 return
             time.sleep(poll)
-        raise BackendError(f"vLLM not ready after {timeout:.0f}s; last lines of {self.log_path}:\n{self.log_tail()}")
-
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        raise BackendStartError(f"vLLM not ready after {timeout:.0f}s; last lines of {self.log_path}:\n{self.log_tail()}")
 
     def stop(self, grace: float = 20.0) -> None:
         process, self._process = self._process, None

@@ -1,0 +1,101 @@
+"""Learn a corruption strength against a running vLLM: the Python API behind `eco-proxy corruption
+train` and the demo build."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from corruption.spec import GAUSSIAN
+
+
+@dataclass(frozen=True)
+class CorruptionTraining:
+    backend_url: str
+    model_dir: Path
+    out: Path
+    score: Literal["probes", "mc"] = "probes"
+    probes: Path | None = None  # forget knowledge probes (JSONL: prompt, answers)
+    control: Path | None = None  # probes the model cannot know; their uncorrupted answer rate is the goal
+    mc: Path | None = None  # multiple-choice questions (JSONL: question, choices, answer)
+    goal: float | None = None  # default: the control rate, or chance for mc
+    method: str = "gaussian_first_n"
+    dims: int | None = None  # n or k (default: the hidden size)
+    vector: bool = False  # one strength per dimension (gaussian_first_n)
+    scope: Literal["all", "entities"] = "all"
+    entities: Path | None = None  # entity terms, one per line (scope entities)
+    initial: float = 0.25
+    steps: int = 12
+    lr: float = 0.5
+    mu: float = 0.3
+    tolerance: float = 0.0
+    samples: int = 2
+    max_tokens: int = 8
+    embedding_scale: float | None = None
+    skip_embedding_check: bool = False
+    seed: int = 0
+
+
+def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any]:
+    """Check the backend, measure the goal, learn the strength, measure fluency; writes the result JSON
+    to `job.out` (a policy's corruption_file) and returns it. ValueError, OSError, EmbeddingError or
+    vllm_client.BackendError on failure."""
+    from transformers import AutoTokenizer
+
+    from corruption.embeddings import EmbeddingTable
+    from corruption.probes import read_multiple_choice, read_probes
+    from corruption.spec import CorruptionSpec
+    from corruption.trainer import CorruptionTrainer, EmbedsBackend
+    from corruption.zo import ZerothOrderOptimizer
+
+    if job.score == "probes" and not job.probes:
+        raise ValueError("--score probes needs --probes")
+    if job.score == "mc" and not job.mc:
+        raise ValueError("--score mc needs --mc")
+    if job.vector and job.method != "gaussian_first_n":
+        raise ValueError("--vector needs --method gaussian_first_n")
+    data = read_probes(job.probes) if job.score == "probes" else read_multiple_choice(job.mc)
+    control = read_probes(job.control) if job.control else None
+    entities = [t.strip() for t in job.entities.read_text().splitlines() if t.strip()] if job.entities else []
+    embeddings = EmbeddingTable.from_model_dir(job.model_dir, scale=job.embedding_scale)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    dims = job.dims or embeddings.hidden_size
+    initial = [job.initial] * dims if job.vector else job.initial
+    fields = {"sigma": initial, "dims": dims} if job.method in GAUSSIAN else {"value": initial}
+    spec = CorruptionSpec(method=job.method, scope=job.scope, **fields)
+    backend = EmbedsBackend(job.backend_url)
+    try:
+        trainer = CorruptionTrainer(backend, tokenizer, embeddings, spec, entities=entities, samples=job.samples,
+                                    max_tokens=job.max_tokens, check_embeddings=not job.skip_embedding_check)
+        check = trainer.verify_backend()  # before any probe is sent
+        if check.status == "passed":
+            log(check.message)
+        goal = job.goal
+        if goal is None and job.score == "mc":
+            goal = sum(q.chance for q in data) / len(data)
+        if goal is None:
+            if control is None:
+                raise ValueError("give --control probes or an explicit --goal")
+            goal = trainer.probe_hit_rate(control, None)
+            log(f"control probes answered uncorrupted: {goal:.3f} (the goal)")
+        optimizer = ZerothOrderOptimizer(lr=job.lr, mu=job.mu, max_steps=job.steps, target=job.tolerance,
+                                         random_state=job.seed)
+        result = trainer.train(job.score, data, goal, optimizer, initial, log=log)
+        if job.score == "probes":
+            result["fluency"] = trainer.fluency([p.prompt for p in data[:40]], result["spec"]["sigma"]
+                                                if job.method in GAUSSIAN else result["spec"]["value"])
+            report = result["fluency"]
+            log(f"fluency, corrupted vs uncorrupted: unique-word ratio "
+                f"{report['corrupted']['mean_unique_word_ratio']:.2f} vs "
+                f"{report['uncorrupted']['mean_unique_word_ratio']:.2f}, "
+                f"repetitive {report['corrupted']['repetitive_rate']:.2f} vs "
+                f"{report['uncorrupted']['repetitive_rate']:.2f}, empty {report['corrupted']['empty_rate']:.2f}")
+        if control is not None:
+            result["control"] = {"n": len(control), "uncorrupted_rate": goal if job.goal is None else None}
+    finally:
+        backend.close()
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    job.out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {job.out}")
+    return result

@@ -1,0 +1,322 @@
+"""The generation endpoints, one class each over a shared base (as vLLM's `OpenAIServingCompletion`
+and `OpenAIServingChat` share `OpenAIServing`). A request's whole path is `Serving.handle`, read top
+to bottom:
+
+authenticate → read (size-capped) → parse into the typed request → check the model → build the
+prompt(s) as the model will see them → check them against the context length → the guard's plan
+(classify with a deadline, audit, corrupt when flagged) → Forward: send the parsed request as is |
+SendCorrupted: send `prompt_embeds` to /v1/completions and adapt the answer to the shape asked for.
+
+What goes upstream is always built from the parsed request (`proxy.protocol.FIELD_RULES`), never from
+the client's raw JSON. Backend errors are mapped to answers in one place, `Serving.handle`.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from proxy.guard import CorruptionFailed, FlaggedRequest, Forward, RequestDecision, ResponseAdapter, SendCorrupted
+from proxy.policy import ActivePolicy
+from proxy.prompts import Prompt, PromptError
+from proxy.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, error_response, validation_message
+from proxy.state import ProxyState
+from proxy.translate import ChatStreamTranslator, chat_request_as_completion, completion_as_chat
+from vllm_client import BackendUnavailable, UpstreamResponse, sse
+
+MAX_JSON_DEPTH = 64  # deeper bodies are refused before anything recurses over them
+COMPLETIONS_PATH = "/v1/completions"  # where every flagged request goes, as prompt_embeds
+
+
+class RequestRefused(Exception):
+    """A client error found on the request path: answered with its status and message, never a 500."""
+
+    def __init__(self, status: int, message: str, reason: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.reason, self.param = status, message, reason, param
+
+
+class Serving:
+    """One generation endpoint: its request model, its route upstream, its prompts and its flagged form."""
+
+    endpoint: ClassVar[Endpoint]
+    path: ClassVar[str]
+    request_model: ClassVar[type[CompletionRequest] | type[ChatCompletionRequest]]
+
+    def __init__(self, state: ProxyState):
+        self.state = state
+
+    async def handle(self, request: Request) -> Response:
+        state = self.state
+        policy = state.policy  # one policy for the whole request, even if a reload lands meanwhile
+        headers = VerdictHeaders(policy, started=time.perf_counter())
+        if (refused := client_auth(state, request)) is not None:
+            return refused
+        if not await state.embeddings_trusted():  # every request alike: a refusal must not hint at a verdict
+            return error_response(503, "the model backend is not ready", headers=headers.before_decision())
+        try:
+            # Oversized, malformed, too deep, wrong types are refused naming the field.
+            parsed = parse(await read_body(state, request), self.request_model)
+            if parsed.model != state.served_model_name:  # the proxy serves exactly one model
+                raise RequestRefused(404, f"The model `{parsed.model}` does not exist.", "unknown_model", "model")
+            # The prompt(s) as the model will see them, refused before any classifying if they cannot fit.
+            prompts = await run_in_threadpool(self.prompts, parsed)
+            context = await check_context(state, prompts)
+            plan = await state.guard.plan(policy, self.endpoint, prompts, state.classify_timeout,
+                                          lambda: self.flagged_request(parsed, prompts, context))
+        except RequestRefused as exc:
+            state.metrics.refused.labels(exc.reason).inc()
+            return error_response(exc.status, exc.message, param=exc.param, headers=headers.before_decision())
+        except BackendUnavailable as exc:
+            state.metrics.backend_errors.inc()
+            return error_response(503, str(exc), headers=headers.before_decision())
+        except CorruptionFailed as exc:  # the flagged prompt cannot go out uncorrupted; the trace is in the log
+            return error_response(500, "the proxy could not process this prompt; the request was not sent",
+                                  headers=headers.after_decision(exc.decision))
+
+        answer_headers = headers.after_decision(plan.decision)
+        headers.timing(answer_headers, state, plan)
+        if isinstance(plan, Forward):
+            path, body, adapter = self.path, parsed.upstream_fields(include_classified=True), None
+        else:
+            path, body, adapter = COMPLETIONS_PATH, plan.content, plan.adapter
+        try:
+            response = await state.upstream.open("POST", path, body)
+        except BackendUnavailable as exc:
+            state.metrics.backend_errors.inc()
+            state.backend_lost()
+            return error_response(503, str(exc), headers=answer_headers)
+        if adapter is None or response.status_code != 200:  # backend errors pass through as they are
+            return await relay(response, answer_headers)
+        return await adapted(response, adapter, bool(parsed.stream), answer_headers)
+
+    def prompts(self, parsed: Any) -> list[Prompt]:
+        raise NotImplementedError
+
+    def flagged_request(self, parsed: Any, prompts: list[Prompt], context: int) -> FlaggedRequest:
+        raise NotImplementedError
+
+
+class CompletionServing(Serving):
+    endpoint = "completions"
+    path = "/v1/completions"
+    request_model = CompletionRequest
+
+    def prompts(self, parsed: CompletionRequest) -> list[Prompt]:
+        return refuse_prompt_errors(lambda: self.state.builder.completion_prompts(parsed))
+
+    def flagged_request(self, parsed: CompletionRequest, prompts: list[Prompt], context: int) -> FlaggedRequest:
+        """vLLM reports zeros for the token ids of an embeddings prompt; the client asked with token ids
+        or text, so it gets the real ones back, as an unflagged answer would have them."""
+        body = parsed.upstream_fields(include_classified=False)
+        if not parsed.return_token_ids:
+            return FlaggedRequest(body, None)
+        samples = parsed.n or 1
+
+        def with_real_ids(answer: dict[str, Any]) -> dict[str, Any]:
+            for choice in answer.get("choices", []):
+                if choice.get("prompt_token_ids") is not None:
+                    choice["prompt_token_ids"] = prompts[choice["index"] // samples].token_ids
+            return answer
+
+        return FlaggedRequest(body, ResponseAdapter(with_real_ids, lambda event: [with_real_ids(event)]))
+
+
+class ChatServing(Serving):
+    endpoint = "chat"
+    path = "/v1/chat/completions"
+    request_model = ChatCompletionRequest
+
+    def prompts(self, parsed: ChatCompletionRequest) -> list[Prompt]:
+        return refuse_prompt_errors(lambda: [self.state.builder.chat_prompt(parsed)])
+
+    def flagged_request(self, parsed: ChatCompletionRequest, prompts: list[Prompt], context: int) -> FlaggedRequest:
+        """A flagged chat goes to /v1/completions, rendered; its answer comes back in chat shape."""
+        [prompt] = prompts
+        prompt_ids = prompt.token_ids if parsed.return_token_ids else None
+        prompt_text = prompt.text if parsed.return_prompt_text else None
+        echo = _echo_prefix(parsed)
+        options = parsed.stream_options
+        translator = ChatStreamTranslator(echo, prompt_ids, prompt_text,
+                                          bool(options and options.continuous_usage_stats))
+        return FlaggedRequest(chat_request_as_completion(parsed, len(prompt.token_ids), context),
+                              ResponseAdapter(lambda body: completion_as_chat(body, echo, prompt_ids, prompt_text),
+                                              translator.translate))
+
+
+class VerdictHeaders:
+    """The x-eco-* headers the policy lets a client see (`headers: full | flag | none`)."""
+
+    def __init__(self, policy: ActivePolicy, started: float):
+        self.mode = policy.headers
+        self.version = policy.version
+        self.started = started
+
+    def before_decision(self) -> dict[str, str]:
+        return {} if self.mode == "none" else {"x-eco-policy-version": self.version}
+
+    def after_decision(self, decision: RequestDecision) -> dict[str, str]:
+        headers = self.before_decision()
+        if self.mode != "none":
+            headers["x-eco-flagged"] = str(decision.flagged).lower()
+        if self.mode == "full":
+            reported = decision.reported
+            score = None if reported is None else reported.score
+            # Two decimals: enough to read a decision, too coarse to steer an attack by the score.
+            headers.update({"x-eco-target": decision.target_name,
+                            "x-eco-score": "" if score is None else f"{score:.2f}"})
+        return headers
+
+    def timing(self, headers: dict[str, str], state: ProxyState, plan: Forward | SendCorrupted) -> None:
+        """The proxy's own time before the backend request: always a histogram, a header only in full mode."""
+        seconds = time.perf_counter() - self.started
+        path = "flagged" if isinstance(plan, SendCorrupted) else "unflagged"
+        state.metrics.added_latency.labels(path, plan.decision.target_name or "none").observe(seconds)
+        if self.mode == "full":
+            headers["server-timing"] = f"eco-guard;dur={1000 * seconds:.3f}"
+
+
+def bearer_matches(request: Request, keys: tuple[str, ...]) -> bool:
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip().encode()
+    # Compare with every key, so the time taken says nothing of which key came close.
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+    return any(matches)
+
+
+def client_auth(state: ProxyState, request: Request) -> JSONResponse | None:
+    if not state.api_keys or bearer_matches(request, state.api_keys):
+        return None
+    state.metrics.refused.labels("unauthorized").inc()
+    return error_response(401, "Incorrect or missing API key: send it as a bearer token", "AuthenticationError")
+
+
+async def read_body(state: ProxyState, request: Request) -> bytes:
+    limit = await state.body_limit()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestRefused(413, f"the request body is larger than {limit} bytes", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestRefused(413, f"the request body is larger than {limit} bytes", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse(raw: bytes, model: type[CompletionRequest] | type[ChatCompletionRequest]
+          ) -> CompletionRequest | ChatCompletionRequest:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise RequestRefused(400, "the request body is not valid JSON", "malformed_json") from None
+    if not isinstance(body, dict):
+        raise RequestRefused(400, "the request body must be a JSON object", "malformed_json")
+    if not _depth_at_most(body, MAX_JSON_DEPTH):
+        raise RequestRefused(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", "malformed_json")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        message, param = validation_message(exc)
+        reason = "client_embeddings" if param in ("prompt_embeds", "chat_template") or "content part" in message \
+            else "invalid_request"
+        raise RequestRefused(400, message, reason, param) from None
+
+
+def _depth_at_most(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return False
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
+def refuse_prompt_errors(build: Any) -> list[Prompt]:
+    try:
+        return build()
+    except PromptError as exc:
+        raise RequestRefused(400, str(exc), "invalid_request", str(exc).split(":", 1)[0]) from None
+
+
+async def check_context(state: ProxyState, prompts: list[Prompt]) -> int:
+    """A prompt that cannot fit is refused before the classifier spends time on it; the context length."""
+    context = await state.context_length()
+    for prompt in prompts:
+        if len(prompt.token_ids) >= context:
+            raise RequestRefused(
+                400, f"This model's maximum context length is {context} tokens. However, your request has "
+                     f"{len(prompt.token_ids)} input tokens. Please reduce the length of the input.",
+                "too_long", "prompt")
+    return context
+
+
+def _echo_prefix(parsed: ChatCompletionRequest) -> str:
+    """Chat `echo` repeats the final message when it is the assistant's own (a prefill)."""
+    last = parsed.messages[-1]
+    if parsed.echo and last.role == "assistant" and isinstance(last.content, str):
+        return last.content
+    return ""
+
+
+async def relay(response: UpstreamResponse, headers: dict[str, str]) -> Response:
+    """The backend's answer as it came: a stream stays a stream, bytes stay bytes."""
+    if response.is_stream:
+        return StreamingResponse(_relay_stream(response), status_code=response.status_code,
+                                 media_type=response.media_type, headers=headers)
+    try:
+        content = await response.read()
+    except BackendUnavailable as exc:
+        return error_response(503, str(exc), headers=headers)
+    return Response(content, status_code=response.status_code, media_type=response.media_type, headers=headers)
+
+
+async def _relay_stream(response: UpstreamResponse) -> AsyncIterator[bytes]:
+    # Closing the upstream response on client disconnect (generator closed) aborts the request in vLLM.
+    try:
+        async for chunk in response.raw():
+            yield chunk
+    except BackendUnavailable as exc:
+        yield _stream_error(str(exc))
+
+
+async def adapted(response: UpstreamResponse, adapter: ResponseAdapter, stream: bool,
+                  headers: dict[str, str]) -> Response:
+    """vLLM's answer to a corrupted request, rewritten by the adapter (a body, or each stream event)."""
+    if stream:
+        return StreamingResponse(_adapted_stream(response, adapter), media_type="text/event-stream",
+                                 headers=headers)
+    try:
+        body = await response.json()
+    except BackendUnavailable:
+        return error_response(503, "the model backend failed mid-response", headers=headers)
+    return JSONResponse(adapter.body(body), headers=headers)
+
+
+async def _adapted_stream(response: UpstreamResponse, adapter: ResponseAdapter) -> AsyncIterator[bytes]:
+    try:
+        async for event in response.events():
+            if event is None:
+                yield sse.DONE
+            elif "error" in event:
+                yield sse.encode(event)
+            else:
+                for chunk in adapter.event(event):
+                    yield sse.encode(chunk)
+    except BackendUnavailable as exc:
+        yield _stream_error(str(exc))
+
+
+def _stream_error(message: str) -> bytes:
+    """A stream that cannot go on still ends well-formed: an error event, then [DONE]."""
+    return sse.encode({"error": {"message": message, "type": "ServiceUnavailableError", "param": None,
+                                 "code": 503}}) + sse.DONE
