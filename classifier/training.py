@@ -28,7 +28,7 @@ class GateTraining:
     entities_top_k: int = 40
 
 
-TERM_FRAMES_PER_TERM = 3
+TERM_FRAMES_PER_TERM = 2
 
 
 def term_records(directory: Path) -> list[GateRecord]:

@@ -8,8 +8,9 @@
 6. baselines: no guard, a "do not discuss" system prompt, and the classifier with a canned refusal.
 
 Probes in the "train" split (used to train the corruption, and where their text is also a
-classifier example, the classifier) are left out; the gate is measured on the classifier's test
-split, and on the whole attack set (never trained on). Retain probes are sent one at a time on
+classifier example, the classifier) are left out; the gate is measured through the guarded endpoint
+on the gate's frozen test split (DIR/gate/test, by forget kind and retain group) when the target has
+one, else on the classifier's test split and the whole attack set. Retain probes are sent one at a time on
 every route: outputs are compared for identity, and on vLLM's CPU build a greedy output can
 change with the batch a request happens to share.
 """
@@ -42,6 +43,9 @@ class TargetData:
     retain_prompts: dict[str, list[str]] = field(default_factory=dict)  # set name -> test-split prompts
     attack: list[list[dict[str, str]]] = field(default_factory=list)  # conversations
     verbatim: list[tuple[str, str]] = field(default_factory=list)  # (prefix, reference continuation)
+    # The gate's frozen test split (DIR/gate/test), by "forget:<kind>" / "retain:<group>": when present, the
+    # gate is measured on it, since the older prompt files above are now the gate's training data.
+    gate_test: dict[str, list[list[dict[str, str]]]] = field(default_factory=dict)
 
 
 def _kept_or_all(directory: Path, stem: str) -> Path:
@@ -69,7 +73,22 @@ def _held_out_probes(path: Path) -> tuple[list[Probe], list[str]]:
     return [p for p, _ in pairs], [s for _, s in pairs]
 
 
+def _gate_test(directory: Path) -> dict[str, list[list[dict[str, str]]]]:
+    from classifier.gate_data import load_records
+
+    groups: dict[str, list[list[dict[str, str]]]] = {}
+    for record in load_records(directory):
+        conversation = list(record.messages) if record.messages else [{"role": "user", "content": record.text}]
+        groups.setdefault(f"{record.label}:{record.group}", []).append(conversation)
+    return dict(sorted(groups.items()))
+
+
 def load_target(directory: Path, name: str, retain_files: Sequence[str]) -> TargetData:
+    if (directory / "gate" / "test").is_dir():
+        gate_test = _gate_test(directory / "gate" / "test")
+        retain_files, forget_prompts, attack_file = (), [], None
+    else:
+        gate_test, forget_prompts, attack_file = {}, _test_split(directory / "forget.jsonl"), "attack.jsonl"
     probes, _ = _held_out_probes(_kept_or_all(directory, "probes"))
     optional = lambda f: directory / f if (directory / f).exists() else None  # noqa: E731
     retain_probes, retain_sources = (_held_out_probes(_kept_or_all(directory, "retain_probes"))
@@ -77,13 +96,14 @@ def load_target(directory: Path, name: str, retain_files: Sequence[str]) -> Targ
     return TargetData(
         name=name,
         forget_probes=probes,
-        forget_prompts=_test_split(directory / "forget.jsonl"),
+        forget_prompts=forget_prompts,
         control_probes=read_probes(p) if (p := optional("control_probes.jsonl")) else [],
         retain_probes=retain_probes,
         retain_sources=retain_sources,
         retain_prompts={Path(f).stem: _test_split(directory / f) for f in retain_files},
-        attack=[_conversation(r) for r in read_jsonl(p)] if (p := optional("attack.jsonl")) else [],
+        attack=[_conversation(r) for r in read_jsonl(p)] if attack_file and (p := optional(attack_file)) else [],
         verbatim=[(r["prefix"], r["reference"]) for r in _records(p)] if (p := optional("verbatim.jsonl")) else [],
+        gate_test=gate_test,
     )
 
 
@@ -137,8 +157,12 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
             "verbatim_rouge_l": mean([rouge_l_f1(o, ref) for o, (_, ref) in zip(verbatim_out[name], target.verbatim)]),
         }
     control_rate = answer_rate(target.control_probes, _texts(control))
-    gate = {"forget": _flag_rate(guarded.chat([[{"role": "user", "content": t}] for t in target.forget_prompts], 1,
-                                              "gate: forget"))}
+    gate = {}
+    if target.forget_prompts:
+        gate["forget"] = _flag_rate(guarded.chat([[{"role": "user", "content": t}] for t in target.forget_prompts], 1,
+                                                 "gate: forget"))
+    for group, conversations in target.gate_test.items():
+        gate[group] = _flag_rate(guarded.chat(conversations, 1, f"gate: {group}"))
     for set_name, prompts in target.retain_prompts.items():
         gate[set_name] = _flag_rate(guarded.chat([[{"role": "user", "content": t}] for t in prompts], 1,
                                                  f"gate: {set_name}"))

@@ -105,3 +105,23 @@ def test_obfuscations_are_undone_by_the_variants():
     assert len(set(disguised)) > 100 and text not in disguised
     recovered = sum(any(v.casefold() == text.casefold() for v in variants(d)) for d in disguised)
     assert recovered / len(disguised) > 0.8
+
+
+def test_the_target_vocabulary_joins_the_training_split_only(tmp_path):
+    from classifier.training import TERM_FRAMES_PER_TERM, gate_splits
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    lines = [{"text": f"question {i} about topic {i}", "label": "forget" if i % 2 else "retain",
+              "group": "direct" if i % 2 else "everyday", "cluster": f"c{i}"} for i in range(20)]
+    (tmp_path / "train" / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "test" / "b.jsonl").write_text(json.dumps({**lines[0], "cluster": "t0"}) + "\n")
+    (tmp_path / "terms").mkdir()
+    (tmp_path / "terms" / "forget.txt").write_text("# names\nWhomping Willow\nFelix Felicis\n")
+    (tmp_path / "terms" / "retain.txt").write_text("Willow Smith\n")
+    splits = gate_splits(tmp_path, seed=0, diluted_fraction=0.0)
+    terms = [r for r in splits["train"] if r.cluster.startswith("term:")]
+    assert len(terms) == 3 * TERM_FRAMES_PER_TERM
+    assert {r.label for r in terms if "Willow Smith" in r.text} == {"retain"}
+    assert not any(r.cluster.startswith("term:") for name in ("calibration", "test") for r in splits[name])
+    assert gate_splits(tmp_path, seed=0, diluted_fraction=0.0)["train"] == splits["train"]  # deterministic
