@@ -197,9 +197,9 @@ class _Request(BaseModel):
 
 _REFUSALS = {
     "prompt_embeds": "prompt_embeds are not accepted by this endpoint; send text or token ids",
-    "prompt_logprobs": "prompt_logprobs are not available through this proxy",
-    "echo": "echo is not available through this proxy",
-    "suffix": "suffix is not supported",
+    "prompt_logprobs": "not available through this proxy",
+    "echo": "not available through this proxy",
+    "suffix": "not supported",
     "chat_template": "a request may not replace the chat template",
     "truncate_prompt_tokens": "prompt truncation is not available through this proxy; send a shorter prompt",
     "truncation_side": "prompt truncation is not available through this proxy; send a shorter prompt",
@@ -247,6 +247,9 @@ class ChatCompletionRequest(_Request):
                              "send tools with tool_choice \"none\" or no tools")
         if self.tools is None and self.tool_choice not in (None, "none"):
             raise ValueError("tool_choice: when using `tool_choice`, `tools` must be set")
+        # vLLM's chat endpoint refuses this; the flagged path (completions) would not notice it.
+        if self.top_logprobs not in (None, 0) and not self.logprobs:
+            raise ValueError("top_logprobs: when using `top_logprobs`, `logprobs` must be set to true")
         return self
 
     @property

@@ -260,3 +260,9 @@ def test_a_slow_verdict_falls_back_to_the_fail_mode(model_dir, upstream):
     assert response.status_code == 200 and response.headers["x-eco-flagged"] == "true"  # closed: corrupted
     [(_, body)] = upstream.received
     assert "prompt_embeds" in body and "prompt" not in body
+
+
+def test_top_logprobs_without_logprobs_is_refused_alike(client, upstream):
+    answers = [client.post("/v1/chat/completions", json=_chat(content, top_logprobs=3)) for content in (PLAIN, FLAGGED)]
+    assert [a.status_code for a in answers] == [400, 400] and _error(answers[0]) == _error(answers[1])
+    assert upstream.received == []
