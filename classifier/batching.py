@@ -29,7 +29,7 @@ import numpy as np
 DEFAULT_CACHE_SIZE = 4096  # texts; an entry is one output row plus its text
 
 
-DEFAULT_PASS_CHARS = 4000  # about a thousand tokens: one pass stays in the tens of milliseconds
+DEFAULT_PASS_CHARS = 1500  # a few hundred tokens: on one CPU thread a pass stays under about 100 ms
 
 
 @dataclass

@@ -52,6 +52,13 @@ def text_pieces(text: str) -> list[str]:
     return list(dict.fromkeys(piece for reading in variants(text) for piece in segments(reading)))
 
 
+EARLY_EXIT_PIECES = 4  # the first group of pieces scored while a caller waits for one above its threshold
+
+
+def _sigmoid(margins: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(margins, dtype=np.float64)))
+
+
 class _SequenceClassifier(torch.nn.Module):
     """BERT, mean pooling over the real tokens, and a two-class linear head."""
 
@@ -340,24 +347,47 @@ class FineTunedClassifier:
         """P(forget) per prompt (a list of segments): the maximum over every piece of every segment.
         Pieces the first stage clears score 0 and never reach the encoder."""
         self._check_fitted()
-        bags = [list(dict.fromkeys(piece for segment in prompt for piece in text_pieces(segment)))
-                for prompt in prompts]
+        bags = [self._bag(prompt) for prompt in prompts]
         pieces = list(dict.fromkeys(piece for bag in bags for piece in bag))
-        if self.stage1_threshold_ is not None and pieces:
-            passing = [p for p, s in zip(pieces, self.stage1_.decision(pieces)) if s >= self.stage1_threshold_]
-        else:
-            passing = pieces
+        passing = [piece for piece, _ in self._passing(pieces)]
         margins = self._runner().compute(passing, progress) if passing else np.zeros(0, dtype=np.float32)
-        probability = dict(zip(passing, 1.0 / (1.0 + np.exp(-margins.astype(np.float64)))))
+        probability = dict(zip(passing, _sigmoid(margins)))
         return np.array([max((probability.get(piece, 0.0) for piece in bag), default=0.0) for bag in bags])
 
     def score(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """P(forget) per text: the maximum over its variants and segments."""
         return self.score_prompts([[text] for text in texts], progress)
 
-    def score_segments(self, segments: Sequence[str]) -> float:
-        """The score of one prompt: the highest among its pieces (the whole prompt and each message)."""
-        return float(self.score_prompts([segments])[0])
+    def score_segments(self, segments: Sequence[str], stop_above: float | None = None) -> float:
+        """The score of one prompt: the highest among its pieces (the whole prompt and each message).
+
+        With `stop_above` (the threshold the caller decides with), pieces go to the encoder in growing
+        groups (4, 8, 16 ...), the first stage's likeliest first, and scoring stops once a piece is above
+        it: the verdict is then known, and a long text full of the target costs a pass or two, not one
+        per window. The score returned is then a lower bound of the maximum, above the threshold."""
+        self._check_fitted()
+        passing = [piece for piece, _ in sorted(self._passing(self._bag(segments)), key=lambda p: -p[1])]
+        size = len(passing) if stop_above is None else EARLY_EXIT_PIECES
+        best, start = 0.0, 0
+        while start < len(passing):
+            best = max(best, float(_sigmoid(self._runner().compute(passing[start:start + size])).max()))
+            if stop_above is not None and best > stop_above:
+                break
+            start, size = start + size, size * 2
+        return best
+
+    @staticmethod
+    def _bag(segments: Sequence[str]) -> list[str]:
+        return list(dict.fromkeys(piece for segment in segments for piece in text_pieces(segment)))
+
+    def _passing(self, pieces: list[str]) -> list[tuple[str, float]]:
+        """The pieces the first stage does not clear, with its score."""
+        if not pieces:
+            return []
+        decisions = self.stage1_.decision(pieces)
+        if self.stage1_threshold_ is None:
+            return list(zip(pieces, decisions.tolist()))
+        return [(p, float(s)) for p, s in zip(pieces, decisions) if s >= self.stage1_threshold_]
 
     # -- artifact -----------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

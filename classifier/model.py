@@ -141,8 +141,9 @@ class PromptClassifier:
             raise ValueError("no threshold: calibrate the classifier first")
         return (self.score(texts) > self.threshold_).astype(np.int64)
 
-    def score_segments(self, segments: Sequence[str]) -> float:
-        """The highest score among the pieces of one prompt (the whole prompt and each message)."""
+    def score_segments(self, segments: Sequence[str], stop_above: float | None = None) -> float:
+        """The highest score among the pieces of one prompt (the whole prompt and each message). `stop_above`
+        is part of the gate's interface; this head scores every window in one pass anyway."""
         return float(self.score(segments).max())
 
     # -- calibrate and evaluate ---------------------------------------------------------

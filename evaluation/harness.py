@@ -73,12 +73,16 @@ def _held_out_probes(path: Path) -> tuple[list[Probe], list[str]]:
     return [p for p, _ in pairs], [s for _, s in pairs]
 
 
+GATE_MAX_WORDS = 700  # long test documents are cut to fit the demo model's 2,048-token context (up to ~2.1 tokens a word)
+
+
 def _gate_test(directory: Path) -> dict[str, list[list[dict[str, str]]]]:
     from classifier.gate_data import load_records
 
     groups: dict[str, list[list[dict[str, str]]]] = {}
     for record in load_records(directory):
-        conversation = list(record.messages) if record.messages else [{"role": "user", "content": record.text}]
+        text = " ".join(record.text.split(" ")[:GATE_MAX_WORDS])
+        conversation = list(record.messages) if record.messages else [{"role": "user", "content": text}]
         groups.setdefault(f"{record.label}:{record.group}", []).append(conversation)
     return dict(sorted(groups.items()))
 

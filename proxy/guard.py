@@ -188,7 +188,7 @@ class Guard:
         for target in policy.targets:
             started = time.perf_counter()
             try:
-                score = float(target.classifier.score_segments(segments))
+                score = float(target.classifier.score_segments(segments, stop_above=target.threshold))
             except Exception:  # any failure of the gate is handled by the fail mode, never a 500
                 log.exception("classifier for target %s failed", target.name)
                 self.metrics.classifier_errors.labels(target.name, target.fail_mode).inc()

@@ -24,7 +24,7 @@ FORGET_WORDS = ("hogwarts", "hermione", "harry potter", "dumbledore", "voldemort
 class KeywordGate:
     """Scores 1.0 when a target word occurs in any segment: a stand-in for the trained classifier."""
 
-    def score_segments(self, segments: list[str]) -> float:
+    def score_segments(self, segments: list[str], stop_above: float | None = None) -> float:
         return float(any(word in segment.lower() for segment in segments for word in FORGET_WORDS))
 
 

@@ -165,3 +165,28 @@ def test_cli_trains_on_gate_data_and_reports_per_group(tmp_path, capsys):
     assert json.loads(report.read_text())["test"] == meta["metrics"]["test"]
     assert _run(["classifier", "train", "--model", "finetuned", "--forget", str(out / "classifier.json"),
                  "--retain", str(out / "classifier.json"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_early_exit_stops_at_the_first_piece_above_the_threshold(fitted):
+    calls: list[int] = []
+    runner = fitted._runner()
+    original = runner.compute
+
+    def counting(texts, progress=False):
+        calls.append(len(texts))
+        return original(texts, progress)
+
+    runner.compute = counting
+    try:
+        long_text = " ".join(SKY + KITCHEN)  # 120 sentences: many windows pass the first stage
+        full = fitted.score_segments([long_text])
+        assert len(calls) == 1 and calls[0] > 12  # no threshold given: every passing piece, in one group
+        passing = calls[0]
+        calls.clear()
+        early = fitted.score_segments([long_text], stop_above=-1.0)  # any piece is above: one group of 4
+        assert calls == [4] and early <= full + 1e-6
+        calls.clear()
+        assert fitted.score_segments([long_text], stop_above=2.0) == pytest.approx(full, abs=1e-6)  # never above
+        assert calls[:2] == [4, 8] and sum(calls) == passing  # growing groups, so a long benign text still batches
+    finally:
+        runner.compute = original

@@ -20,7 +20,7 @@ class StubClassifier:
         self.score = score
         self.seen: list[list[str]] = []
 
-    def score_segments(self, segments: list[str]) -> float:
+    def score_segments(self, segments: list[str], stop_above: float | None = None) -> float:
         self.seen.append(segments)
         if isinstance(self.score, Exception):
             raise self.score

@@ -229,7 +229,7 @@ class CountingGate(KeywordGate):
     def __init__(self, delay: float = 0.0):
         self.calls, self.delay = 0, delay
 
-    def score_segments(self, segments: list[str]) -> float:
+    def score_segments(self, segments: list[str], stop_above: float | None = None) -> float:
         self.calls += 1
         time.sleep(self.delay)
         return super().score_segments(segments)
