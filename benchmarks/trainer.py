@@ -11,7 +11,6 @@ Potter probes, goal = the control probes' rate) and multiple choice (goal = chan
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from _common import (
     save_json,
 )
 
-from classifier.data import split_of
+from evaluation.demo_build import train_split_probes
 from corruption.embeddings import EmbeddingTable
 from corruption.probes import read_multiple_choice, read_probes
 from corruption.spec import CorruptionSpec
@@ -48,14 +47,6 @@ class CountingBackend(EmbedsBackend):
         self.requests += 1
         self.prompts += len(batch)
         return super()._request(batch, max_tokens, logprobs)
-
-
-def _train_probes(workdir: Path) -> Path:
-    lines = [line for line in (DEMO / "probes.kept.jsonl").read_text(encoding="utf-8").splitlines()
-             if line.strip() and split_of(json.loads(line)["prompt"]) == "train"]
-    path = workdir / "train-probes.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def run(score: str, initial: float, backend: CountingBackend, tokenizer: Any, embeddings: EmbeddingTable,
@@ -92,7 +83,7 @@ def main() -> None:
     backend = CountingBackend(args.backend_url)
     steps = 4 if args.quick else 12
     with tempfile.TemporaryDirectory() as workdir:
-        probes = read_probes(_train_probes(Path(workdir)))
+        probes = read_probes(train_split_probes(DEMO / "probes.kept.jsonl", Path(workdir)))
     control = read_probes(DEMO / "control_probes.jsonl")
     questions = read_multiple_choice(DEMO / "mc.jsonl")
     probe_goal = CorruptionTrainer(backend, tokenizer, embeddings,

@@ -12,22 +12,28 @@ SPLITS: tuple[Split, ...] = ("train", "calibration", "test")
 FRACTIONS = (0.6, 0.2, 0.2)
 
 
+def json_lines(path: str | Path) -> list[tuple[int, Any]]:
+    """Each non-blank line's number and parsed JSON value; a line that is not JSON is an error naming it."""
+    values = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    values.append((number, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+    return values
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records with a "text" string, or with chat "messages" (their contents joined become the text)."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
-            if isinstance(record, dict) and "text" not in record and isinstance(record.get("messages"), list):
-                record = {**record, "text": "\n".join(str(m.get("content", "")) for m in record["messages"])}
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number}: a record needs a \"text\" string")
-            records.append(record)
+    for number, record in json_lines(path):
+        if isinstance(record, dict) and "text" not in record and isinstance(record.get("messages"), list):
+            record = {**record, "text": "\n".join(str(m.get("content", "")) for m in record["messages"])}
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{number}: a record needs a \"text\" string")
+        records.append(record)
     return records
 
 

@@ -7,7 +7,6 @@ near-variants of one prompt cannot leak from training into calibration.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections import defaultdict
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from classifier.data import json_lines
 
 from confusable_homoglyphs.categories import alias
 from confusable_homoglyphs.confusables import confusables_data
@@ -90,16 +91,7 @@ def load_records(directory: str | Path) -> list[GateRecord]:
         raise ValueError(f"{directory}: no .jsonl files")
     records = []
     for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path.name}:{number}"
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
-                records.append(_record(raw, where))
+        records += [_record(raw, f"{path.name}:{number}") for number, raw in json_lines(path)]
     return records
 
 

@@ -35,7 +35,8 @@ class MultipleChoice:
         return 1 / len(self.choices)
 
 
-def _records(path: str | Path) -> list[dict]:
+def read_records(path: str | Path) -> list[dict]:
+    """The JSON object on each non-blank line of a probe file."""
     records = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
@@ -49,7 +50,7 @@ def _records(path: str | Path) -> list[dict]:
 
 def read_probes(path: str | Path) -> list[Probe]:
     probes = []
-    for number, r in enumerate(_records(path), 1):
+    for number, r in enumerate(read_records(path), 1):
         if not isinstance(r.get("prompt"), str) or not r.get("answers"):
             raise ValueError(f"{path}: record {number} needs a 'prompt' string and a non-empty 'answers' list")
         probes.append(Probe(r["prompt"], tuple(r["answers"])))
@@ -58,7 +59,7 @@ def read_probes(path: str | Path) -> list[Probe]:
 
 def read_multiple_choice(path: str | Path) -> list[MultipleChoice]:
     questions = []
-    for number, r in enumerate(_records(path), 1):
+    for number, r in enumerate(read_records(path), 1):
         choices = r.get("choices") or []
         if not isinstance(r.get("question"), str) or not 2 <= len(choices) <= 8 or \
                 not isinstance(r.get("answer"), int) or not 0 <= r["answer"] < len(choices):

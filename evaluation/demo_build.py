@@ -17,7 +17,7 @@ from pathlib import Path
 
 from classifier.data import split_of
 from classifier.training import FileTraining, GateTraining, train_gate, train_logistic_files
-from corruption.probes import read_probes
+from corruption.probes import read_probes, read_records
 from corruption.training import CorruptionTraining, train_corruption
 from evaluation.client import Endpoint
 
@@ -27,7 +27,7 @@ PROBE_TOKENS = 8
 
 def keep_known_probes(endpoint: Endpoint, source: Path, destination: Path) -> tuple[int, int]:
     """Write the probes whose greedy completion through `endpoint` contains an answer."""
-    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_records(source)
     probes = read_probes(source)
     replies = endpoint.complete([p.prompt for p in probes], PROBE_TOKENS, f"probing {source.name}")
     kept = [r for r, p, reply in zip(records, probes, replies) if p.answered_by(reply.text)]
@@ -35,11 +35,12 @@ def keep_known_probes(endpoint: Endpoint, source: Path, destination: Path) -> tu
     return len(kept), len(records)
 
 
-def _train_split(kept: Path, workdir: Path) -> Path:
-    lines = [line for line in kept.read_text(encoding="utf-8").splitlines()
-             if line.strip() and split_of(json.loads(line)["prompt"]) == "train"]
+def train_split_probes(kept: Path, workdir: Path) -> Path:
+    """The probes of the "train" split (a hash of the prompt), written to a file in `workdir`: the corruption
+    trains on these, and the evaluation holds out the rest."""
+    records = [r for r in read_records(kept) if split_of(r["prompt"]) == "train"]
     path = workdir / f"{kept.parent.name}-train-probes.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
 
 
@@ -61,6 +62,6 @@ def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
         for target in (hp, sw):
             train_corruption(CorruptionTraining(
                 backend_url, model_dir, target / "corruption.json",
-                probes=_train_split(target / "probes.kept.jsonl", Path(workdir)),
+                probes=train_split_probes(target / "probes.kept.jsonl", Path(workdir)),
                 control=hp / "control_probes.jsonl", initial=0.1, steps=12, samples=3))
     return 0

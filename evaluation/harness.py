@@ -16,14 +16,14 @@ change with the batch a request happens to share.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from classifier.data import read_jsonl, split_of
-from corruption.probes import Probe, read_probes
+from classifier.gate_data import load_records
+from corruption.probes import Probe, read_probes, read_records
 from evaluation.client import Endpoint, Reply
 from evaluation.metrics import answer_rate, identity_rate, mean, rate, rouge_l_f1
 
@@ -53,10 +53,6 @@ def _kept_or_all(directory: Path, stem: str) -> Path:
     return kept if kept.exists() else directory / f"{stem}.jsonl"
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _test_split(path: Path) -> list[str]:
     return [r["text"] for r in read_jsonl(path) if split_of(r["text"], r.get("split")) == "test"]
 
@@ -68,7 +64,7 @@ def _conversation(record: dict[str, Any]) -> list[dict[str, str]]:
 def _held_out_probes(path: Path) -> tuple[list[Probe], list[str]]:
     """Probes outside the "train" split, with their sources. A text's hash gives it the same split in
     every file, so a held-out probe was never trained on, even where its text is also a classifier example."""
-    pairs = [(probe, record.get("source", "")) for probe, record in zip(read_probes(path), _records(path))
+    pairs = [(probe, record.get("source", "")) for probe, record in zip(read_probes(path), read_records(path))
              if split_of(probe.prompt) != "train"]
     return [p for p, _ in pairs], [s for _, s in pairs]
 
@@ -77,8 +73,6 @@ GATE_MAX_WORDS = 700  # long test documents are cut to fit the demo model's 2,04
 
 
 def _gate_test(directory: Path) -> dict[str, list[list[dict[str, str]]]]:
-    from classifier.gate_data import load_records
-
     groups: dict[str, list[list[dict[str, str]]]] = {}
     for record in load_records(directory):
         text = " ".join(record.text.split(" ")[:GATE_MAX_WORDS])
@@ -106,7 +100,7 @@ def load_target(directory: Path, name: str, retain_files: Sequence[str]) -> Targ
         retain_sources=retain_sources,
         retain_prompts={Path(f).stem: _test_split(directory / f) for f in retain_files},
         attack=[_conversation(r) for r in read_jsonl(p)] if attack_file and (p := optional(attack_file)) else [],
-        verbatim=[(r["prefix"], r["reference"]) for r in _records(p)] if (p := optional("verbatim.jsonl")) else [],
+        verbatim=[(r["prefix"], r["reference"]) for r in read_records(p)] if (p := optional("verbatim.jsonl")) else [],
         gate_test=gate_test,
     )
 

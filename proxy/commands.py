@@ -8,6 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
+from proxy.protocol import field_errors
 from proxy.serve import ENV_PREFIX, ServeSettings
 
 _HELP = {
@@ -108,9 +109,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = serve_settings(args)
     except ValidationError as exc:
-        for error in exc.errors():
-            field = ".".join(str(p) for p in error["loc"])
-            print(f"eco-proxy serve: --{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}: {error['msg']}",
+        for field, message in field_errors(exc):
+            print(f"eco-proxy serve: --{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}: {message}",
                   file=sys.stderr)
         return 2
     return serve.run(settings)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from classifier import GateClassifier, load_classifier
 from classifier.encoder import EncoderPool
 from corruption.spec import CorruptionSpec
+from proxy.protocol import field_errors
 
 
 class PolicyError(ValueError):
@@ -106,10 +107,7 @@ def read_policy_config(path: Path) -> PolicyConfig:
     try:
         return PolicyConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(f"{field or '(top level)'}: {message}" for field, message in field_errors(exc))
         raise PolicyError(f"policy {path}: {problems}") from exc
 
 

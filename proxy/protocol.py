@@ -273,12 +273,20 @@ def error_response(status: int, message: str, error_type: str | None = None, par
     return JSONResponse(error_body(status, message, error_type, param), status_code=status, headers=headers)
 
 
+def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """Each problem pydantic found, as (dotted field name, message); a model-level check names its field
+    first in its message ("tool_choice: ..."), and that name is taken as its field."""
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if not location and ": " in message:
+            location, message = message.split(": ", 1)
+        problems.append((location, message))
+    return problems
+
+
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     """One readable sentence naming the offending field, and that field as `param`."""
-    first = exc.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    if not location and ": " in message:  # a model-level check names its field first
-        location = message.split(": ", 1)[0]
-        message = message.split(": ", 1)[1]
+    location, message = field_errors(exc)[0]
     return (f"{location}: {message}" if location else message), (location or None)
