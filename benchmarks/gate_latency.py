@@ -16,6 +16,7 @@ import argparse
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -88,15 +89,17 @@ def main() -> None:
         # The proxy's arrangement: one torch thread that every caller's passes run on.
         classifier = load_classifier(artifact, executor=ThreadPoolExecutor(1, initializer=torch.set_num_threads,
                                                                            initargs=(1,)), cache_size=0)
-        classifier.score_segments(["warm-up: the first pass allocates"])
+        # As the guard calls it: with the threshold it decides by (the fine-tuned gate stops at a flagged piece).
+        score = partial(classifier.score_segments, stop_above=classifier.threshold_)
+        score(["warm-up: the first pass allocates"])
         benign, target = FreshPrompts(UNFLAGGED_PROMPTS), FreshPrompts(FLAGGED_PROMPTS)
         kinds = {
-            "short, benign": lambda: timed(classifier.score_segments, [benign() for _ in range(args.count)]),
-            "short, target": lambda: timed(classifier.score_segments, [target() for _ in range(args.count)]),
-            f"{LONG_WORDS} words, benign": lambda: timed(classifier.score_segments, benign_long),
-            f"{LONG_WORDS} words, target": lambda: timed(classifier.score_segments, target_long),
+            "short, benign": lambda: timed(score, [benign() for _ in range(args.count)]),
+            "short, target": lambda: timed(score, [target() for _ in range(args.count)]),
+            f"{LONG_WORDS} words, benign": lambda: timed(score, benign_long),
+            f"{LONG_WORDS} words, target": lambda: timed(score, target_long),
             f"short, benign, while {LONG_WORDS} words of target run": lambda: short_while_long(
-                classifier.score_segments, [benign() for _ in range(args.count)], target_long),
+                score, [benign() for _ in range(args.count)], target_long),
         }
         for kind, run in kinds.items():
             rows.append({"artifact": str(artifact), "kind": classifier.kind, "prompts": kind,
