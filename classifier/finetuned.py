@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from classifier.batching import DEFAULT_CACHE_SIZE, BatchingRunner
 from classifier.cascade import NgramStage, recall_threshold
 from classifier.encoder import DEFAULT_ENCODER, resolve_encoder_path
+from classifier.loading import read_artifact_meta
 from classifier.model import training_hash
 from classifier.normalize import variants
 from classifier.segments import segments
@@ -420,7 +421,7 @@ class FineTunedClassifier:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         directory = Path(directory)
-        meta = read_meta(directory)
+        meta = read_artifact_meta(directory, (ARTIFACT_FORMAT,))
         if meta.get("format") != ARTIFACT_FORMAT or meta.get("kind") != KIND:
             raise ValueError(f"{directory / META_FILE}: not a fine-tuned classifier artifact "
                              f"(format {ARTIFACT_FORMAT})")
@@ -456,14 +457,3 @@ class FineTunedClassifier:
         classifier.entities_ = list(meta.get("entities", []))
         classifier._scorer = None
         return classifier
-
-
-def read_meta(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: not a classifier artifact")
-    return meta

@@ -27,15 +27,23 @@ class GateClassifier(Protocol):
     def score_segments(self, segments: Sequence[str], stop_above: float | None = None) -> float: ...
 
 
-def artifact_kind(directory: str | Path) -> str:
-    path = Path(directory) / "classifier.json"
+META_FILE = "classifier.json"
+
+
+def read_artifact_meta(directory: str | Path, formats: tuple[int, ...] = (2, 3)) -> dict[str, Any]:
+    """An artifact's classifier.json, checked to be of one of `formats`."""
+    path = Path(directory) / META_FILE
     try:
         meta: Any = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") not in (2, 3):
-        raise ValueError(f"{path}: not a classifier artifact of format 2 or 3")
-    return str(meta.get("kind", "logistic"))  # format 2 predates kinds: always the logistic head
+    if not isinstance(meta, dict) or meta.get("format") not in formats:
+        raise ValueError(f"{path}: not a classifier artifact of format {' or '.join(map(str, formats))}")
+    return meta
+
+
+def artifact_kind(directory: str | Path) -> str:
+    return str(read_artifact_meta(directory).get("kind", "logistic"))  # format 2 predates kinds: the logistic head
 
 
 def load_classifier(directory: str | Path, executor: Executor | None = None, cache_size: int = DEFAULT_CACHE_SIZE,

@@ -212,14 +212,9 @@ class PromptClassifier:
 
     @staticmethod
     def _read_meta(directory: Path) -> dict[str, Any]:
-        path = Path(directory) / META_FILE
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-            raise ValueError(f"{path}: not a classifier artifact of format {ARTIFACT_FORMAT}")
-        return meta
+        from classifier.loading import read_artifact_meta
+
+        return read_artifact_meta(directory, (ARTIFACT_FORMAT,))
 
     @staticmethod
     def artifact_encoder_spec(directory: str | Path) -> str:
