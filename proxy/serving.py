@@ -60,7 +60,9 @@ class Serving:
         if (refused := client_auth(state, request)) is not None:
             return refused
         if not await state.embeddings_trusted():  # every request alike: a refusal must not hint at a verdict
-            return error_response(503, "the model backend is not ready", headers=headers.before_decision())
+            # pending: the backend has not answered the check since it was seen down
+            reason = "unreachable" if state.embedding_check.status == "pending" else "not ready"
+            return error_response(503, f"the model backend is {reason}", headers=headers.before_decision())
         try:
             # Oversized, malformed, too deep, wrong types are refused naming the field.
             parsed = parse(await read_body(state, request), self.request_model)
