@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from classifier.batching import DEFAULT_CACHE_SIZE, BatchingRunner
 from classifier.cascade import NgramStage, recall_threshold
 from classifier.encoder import DEFAULT_ENCODER, resolve_encoder_path
-from classifier.loading import read_artifact_meta
+from classifier.artifact import read_artifact_meta
 from classifier.model import training_hash
 from classifier.normalize import variants
 from classifier.segments import segments

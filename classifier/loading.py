@@ -1,14 +1,14 @@
 """One way to load any gate artifact: the fine-tuned model (format 3) or the logistic baseline (format 2)."""
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from classifier.artifact import read_artifact_meta
 from classifier.batching import DEFAULT_CACHE_SIZE
 
 if TYPE_CHECKING:
@@ -25,21 +25,6 @@ class GateClassifier(Protocol):
     def score(self, texts: Sequence[str]) -> np.ndarray: ...
 
     def score_segments(self, segments: Sequence[str], stop_above: float | None = None) -> float: ...
-
-
-META_FILE = "classifier.json"
-
-
-def read_artifact_meta(directory: str | Path, formats: tuple[int, ...] = (2, 3)) -> dict[str, Any]:
-    """An artifact's classifier.json, checked to be of one of `formats`."""
-    path = Path(directory) / META_FILE
-    try:
-        meta: Any = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") not in formats:
-        raise ValueError(f"{path}: not a classifier artifact of format {' or '.join(map(str, formats))}")
-    return meta
 
 
 def artifact_kind(directory: str | Path) -> str:

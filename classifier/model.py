@@ -212,7 +212,7 @@ class PromptClassifier:
 
     @staticmethod
     def _read_meta(directory: Path) -> dict[str, Any]:
-        from classifier.loading import read_artifact_meta
+        from classifier.artifact import read_artifact_meta
 
         return read_artifact_meta(directory, (ARTIFACT_FORMAT,))
 
