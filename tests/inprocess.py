@@ -60,6 +60,7 @@ class RecordingUpstream(httpx.AsyncBaseTransport):
     extra_events: int = 0
     raw_status: int | None = None
     raw_unreachable: bool = False
+    slow_corrupted: bool = False  # the delays and extra events apply to corrupted requests too
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -79,12 +80,13 @@ class RecordingUpstream(httpx.AsyncBaseTransport):
             return _json_response(self.raw_status, {"error": {"message": "stub refused the raw request",
                                                              "type": "BadRequestError", "param": None,
                                                              "code": self.raw_status}}, call)
-        delay = self.first_delay if raw else 0.0
+        slow = raw or self.slow_corrupted
+        delay = self.first_delay if slow else 0.0
         if body.get("stream"):
-            events = _stream_events(body, chat, self.extra_events if raw else 0)
+            events = _stream_events(body, chat, self.extra_events if slow else 0)
             chunks = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events] + [b"data: [DONE]\n\n"]
             return httpx.Response(200, headers={"content-type": "text/event-stream", "x-stub-secret": "raw"},
-                                  stream=_StubStream(call, chunks, delay, self.event_delay if raw else 0.0))
+                                  stream=_StubStream(call, chunks, delay, self.event_delay if slow else 0.0))
         try:
             await asyncio.sleep(delay)  # vLLM answers a non-streaming request whole, at the end
         except asyncio.CancelledError:
