@@ -180,9 +180,10 @@ def _model_parts(model_dir: Path) -> tuple[Any, Any]:
     return AutoTokenizer.from_pretrained(model_dir), EmbeddingTable.from_model_dir(model_dir)
 
 
-def build_app(model_dir: Path, upstream: RecordingUpstream, headers: str = "full", dispatch: str = "speculative",
+def build_app(model_dir: Path, upstream: RecordingUpstream | str, headers: str = "full", dispatch: str = "speculative",
               hold: tuple[int, int] = (256 * 1024, 128), gate: Any = None, **state_options: Any):
-    """The real app and request path, with the stub gate and the recording upstream."""
+    """The real app and request path, with the stub gate (or `gate`) and the recording upstream (or a
+    real backend's URL)."""
     from classifier.encoder import EncoderPool
     from proxy.app import ProxyState, create_app
     from proxy.guard import Guard
@@ -201,6 +202,7 @@ def build_app(model_dir: Path, upstream: RecordingUpstream, headers: str = "full
         policy=policy, policy_path="policy.yaml", served_model_name=STUB_MODEL,
         builder=PromptBuilder(tokenizer),
         guard=Guard(embeddings, b"test-key", metrics, audit),
-        upstream=AsyncVllmClient("http://upstream", transport=upstream),
+        upstream=AsyncVllmClient(upstream) if isinstance(upstream, str)
+        else AsyncVllmClient("http://upstream", transport=upstream),
         metrics=metrics, audit=audit, encoders=EncoderPool(0), **state_options)
     return create_app(state)
