@@ -31,8 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from proxy.guard import CorruptionFailed, FlaggedRequest, Forward, RequestDecision, ResponseAdapter, SendCorrupted
 from proxy.policy import ActivePolicy
 from proxy.prompts import Prompt, PromptError
-from proxy.speculative import HoldLimits, Speculation
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, error_response, validation_message
+from proxy.speculative import HoldLimits, Speculation
 from proxy.state import ProxyState
 from proxy.translate import ChatStreamTranslator, chat_request_as_completion, completion_as_chat
 from vllm_client import BackendUnavailable, UpstreamResponse, sse
@@ -75,7 +75,7 @@ class Serving:
         # From here on a client that leaves cancels the work, and with it every request to vLLM.
         return await until_client_gone(request, self.answer(raw, policy, headers), state)
 
-    async def answer(self, raw: bytes, policy: ActivePolicy, headers: "VerdictHeaders") -> Response:
+    async def answer(self, raw: bytes, policy: ActivePolicy, headers: VerdictHeaders) -> Response:
         state = self.state
         speculation: Speculation | None = None
         try:

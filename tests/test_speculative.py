@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
+from inprocess import STUB_MODEL, KeywordGate, RecordingUpstream, build_app
 from starlette.testclient import TestClient
 
-from inprocess import STUB_MODEL, KeywordGate, RecordingUpstream, build_app
 from proxy.model_prep import prepare_default_model
 from proxy.policy import PolicyError, load_policy, read_policy_config
 

@@ -17,9 +17,9 @@ import time
 import httpx
 import pytest
 import uvicorn
+from inprocess import KeywordGate, build_app
 from starlette.testclient import TestClient
 
-from inprocess import KeywordGate, build_app
 from vllm_client.server import free_port
 
 pytestmark = pytest.mark.backend
@@ -80,7 +80,7 @@ class Sampler:
             self.samples.append((time.monotonic(), running(self.url)))
             time.sleep(0.1)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self.thread.start()
         return self
 
