@@ -298,16 +298,17 @@ def _vllm_tokens(backend_url: str) -> dict[str, float]:
 
 
 async def closed_loop(url: str, route: str, model: str, prompts: dict[str, FreshPrompts], count: int,
-                      concurrency: int, share: float, max_tokens: int) -> tuple[list[Sample], float]:
-    """`count` requests, `concurrency` at a time, every one new; request i is flagged when i*share crosses an
-    integer (so exactly round(count*share) are). The samples and the wall time."""
+                      concurrency: int, share: float, max_tokens: int, seconds: float) -> tuple[list[Sample], float]:
+    """`count` requests (or as many as `seconds` allow), `concurrency` at a time, every one new; request i is
+    flagged when i*share crosses an integer (so exactly round(count*share) are). The samples and the wall time."""
     samples: list[Sample] = []
     next_index = 0
+    deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=2 * concurrency, max_keepalive_connections=2 * concurrency)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         async def worker() -> None:
             nonlocal next_index
-            while next_index < count:
+            while next_index < count and time.monotonic() < deadline:
                 index, next_index = next_index, next_index + 1
                 kind = "flagged" if math.floor((index + 1) * share) > math.floor(index * share) else "unflagged"
                 body = chat_body(model, prompts[kind](), max_tokens, stream=True)
@@ -318,8 +319,8 @@ async def closed_loop(url: str, route: str, model: str, prompts: dict[str, Fresh
     return samples, time.perf_counter() - started
 
 
-def throughput_cost(urls: dict[str, str], backend_url: str, model: str, mode: str,
-                    max_tokens: int) -> list[dict[str, Any]]:
+def throughput_cost(urls: dict[str, str], backend_url: str, model: str, count: int, max_tokens: int,
+                    seconds: float) -> list[dict[str, Any]]:
     """The same closed-loop load through the sequential and the speculative proxy in turn, at each flagged
     share: requests per second, and the tokens vLLM processed per request."""
     prompts = {kind: FreshPrompts([f"{p} [load]" for p in base]) for kind, base in CLASSES.items()}
@@ -329,14 +330,13 @@ def throughput_cost(urls: dict[str, str], backend_url: str, model: str, mode: st
         for route in order:
             print(f"throughput: {share:.0%} flagged, {route} ...", flush=True)
             tokens_before, proxy_before = _vllm_tokens(backend_url), scrape_metrics(urls[route])
-            samples, seconds = asyncio.run(closed_loop(urls[route], route, model, prompts,
-                                                       THROUGHPUT_REQUESTS[mode], THROUGHPUT_CONCURRENCY, share,
-                                                       max_tokens))
+            samples, wall = asyncio.run(closed_loop(urls[route], route, model, prompts, count,
+                                                    THROUGHPUT_CONCURRENCY, share, max_tokens, seconds))
             tokens_after, proxy_after = _vllm_tokens(backend_url), scrape_metrics(urls[route])
             good = [s for s in samples if s.status == 200]
             row: dict[str, Any] = {
                 "share": share, "route": route, "n": len(good), "errors": len(samples) - len(good),
-                "seconds": seconds, "requests_per_second": len(good) / seconds,
+                "seconds": wall, "requests_per_second": len(good) / wall,
                 "flagged_fraction": sum(s.flagged for s in good) / len(good) if good else math.nan,
                 "ttft": summarize_ms([s.ttft for s in good]), "total": summarize_ms([s.total for s in good]),
                 "vllm_prompt_tokens_per_request": (tokens_after["prompt_tokens"] - tokens_before["prompt_tokens"])
@@ -392,6 +392,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (ignore_eos)")
     parser.add_argument("--compare-ref", help="also run the proxy as of this git commit, as route 'before'")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput cost of wasted prefills")
+    parser.add_argument("--phase-seconds", type=float, help="cap on each phase's time (default: 60 quick, 180 full)")
+    parser.add_argument("--throughput-requests", type=int, help="requests per throughput run (default: 200 quick, "
+                                                                     "500 full)")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     model_dir = resolve_model_dir(args.model_dir, args.backend_url)
@@ -414,7 +417,8 @@ def main() -> int:
             urls[route] = proxy.url
         routes = list(urls)
         for prompts in CLASSES.values():  # warm-up: first requests load lazily-built state on every route
-            asyncio.run(run_phase(urls, model, FreshPrompts(prompts), 2, 2, args.max_tokens, 120))
+            asyncio.run(run_phase(urls, model, FreshPrompts([f"{p} [warm-up]" for p in prompts]), 2, 2,
+                                  args.max_tokens, 120))
         rows = []
         for kind, prompts in CLASSES.items():
             fresh = FreshPrompts(prompts)
@@ -425,13 +429,14 @@ def main() -> int:
                 proxies = [route for route in routes if route != "direct"]
                 before = {route: scrape_metrics(urls[route]) for route in proxies}
                 samples = asyncio.run(run_phase(urls, model, fresh, concurrency, rounds, args.max_tokens,
-                                                PHASE_SECONDS[mode]))
+                                                args.phase_seconds or PHASE_SECONDS[mode]))
                 metrics = {route: (before[route], scrape_metrics(urls[route])) for route in proxies}
                 row = phase_row(kind, concurrency, samples, routes, metrics)
                 row["seconds"] = time.monotonic() - started
                 rows.append(row)
-        throughput = [] if args.no_throughput else throughput_cost(urls, args.backend_url, model, mode,
-                                                                   args.max_tokens)
+        throughput = [] if args.no_throughput else throughput_cost(
+            urls, args.backend_url, model, args.throughput_requests or THROUGHPUT_REQUESTS[mode], args.max_tokens,
+            args.phase_seconds or PHASE_SECONDS[mode])
 
     print_tables(rows, routes)
     if throughput:
