@@ -62,23 +62,37 @@ class Served:
         self.thread.join(15)
 
 
-def running(backend_url: str) -> float:
+def vllm_gauges(backend_url: str) -> tuple[float, float]:
+    """vLLM's requests running now, and the tokens it has generated so far (counted as they come)."""
     text = httpx.get(f"{backend_url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:num_requests_running"))
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+    return total("vllm:num_requests_running"), total("vllm:generation_tokens_total")
+
+
+def running(backend_url: str) -> float:
+    return vllm_gauges(backend_url)[0]
 
 
 class Sampler:
-    """`vllm:num_requests_running` every 0.1 s, with monotonic timestamps, until stopped."""
+    """`vllm:num_requests_running` and `vllm:generation_tokens_total` every 0.1 s, with monotonic
+    timestamps, until stopped."""
 
     def __init__(self, backend_url: str):
-        self.url, self.samples, self._stop = backend_url, [], threading.Event()
+        self.url, self.samples, self.tokens, self._stop = backend_url, [], [], threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), running(self.url)))
+            at, (now_running, generated) = time.monotonic(), vllm_gauges(self.url)
+            self.samples.append((at, now_running))
+            self.tokens.append((at, generated))
             time.sleep(0.1)
+
+    def generated(self, start: float, end: float) -> float:
+        """Tokens vLLM generated between two moments (from the samples nearest inside them)."""
+        inside = [value for at, value in self.tokens if start <= at <= end]
+        return inside[-1] - inside[0]
 
     def __enter__(self) -> Sampler:
         self.thread.start()
@@ -137,6 +151,8 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
     after = sampler.between(verdict + 1.0, left - 0.1)
     assert after and max(after) == 1, sampler.samples  # the corrupted one alone: the speculative one stopped
     assert max(sampler.between(left + 1.0, left + 2.0)) == 0, sampler.samples  # the client left: nothing runs
+    assert sampler.generated(started + 0.5, verdict) > 5  # the speculative request was generating ...
+    assert sampler.generated(left + 1.0, left + 2.0) == 0  # ... and nothing generates once the client left
     if stream:
         assert seen["status"] == 200 and seen["flagged"] == "true"
         assert seen["first_byte_at"] > verdict and seen["text"] and "Hermione" not in seen["text"]
@@ -162,6 +178,7 @@ def test_a_client_leaving_before_the_verdict_stops_the_speculative_request(backe
     assert seen.get("timed_out") and seen["first_byte_at"] is None
     assert max(sampler.between(seen["started"] + 0.3, left - 0.1)) == 1  # it was generating
     assert max(sampler.between(left + 1.0, left + 5.0)) == 0, sampler.samples  # stopped; nothing sent later
+    assert sampler.generated(seen["started"] + 0.3, left) > 3 and sampler.generated(left + 1.0, left + 5.0) == 0
     assert app.state.proxy.metrics.registry.get_sample_value("eco_client_gone_total") == 1
 
 
