@@ -117,7 +117,9 @@ class Serving:
             # Flagged: nothing of the speculative answer is read again; it is aborted before the corrupted
             # request goes, and the client's answer is the corrupted request's alone.
             await abort(speculation, state, "flagged")
-            record_waste(state, speculation, plan.decision.target_name, prompts)
+            # Counted on another thread: reading what was held must not delay (and so time) this answer.
+            asyncio.get_running_loop().run_in_executor(
+                None, record_waste, state, speculation, plan.decision.target_name, prompts)
         if isinstance(plan, Forward):
             path, body, adapter = self.path, parsed.upstream_fields(include_classified=True), None
         else:

@@ -156,7 +156,7 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
     if stream:
         assert seen["status"] == 200 and seen["flagged"] == "true"
         assert seen["first_byte_at"] > verdict and seen["text"] and "Hermione" not in seen["text"]
-    metrics = app.state.proxy.metrics.registry
+    metrics = app.state.proxy.metrics.registry  # (waste is counted off the answer's path: long done by now)
     assert metrics.get_sample_value("eco_speculative_wasted_total", {"target": "harry_potter"}) == 1
     # a stream's first token reached the proxy before the verdict; a whole body only comes at its end
     assert metrics.get_sample_value("eco_speculative_requests_total", {"first": "output" if stream else "verdict"}) == 1
