@@ -61,6 +61,7 @@ class RecordingUpstream(httpx.AsyncBaseTransport):
     raw_status: int | None = None
     raw_unreachable: bool = False
     slow_corrupted: bool = False  # the delays and extra events apply to corrupted requests too
+    body_chunk: int | None = None  # a whole (non-streaming) body comes in pieces of this many bytes
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -92,7 +93,7 @@ class RecordingUpstream(httpx.AsyncBaseTransport):
         except asyncio.CancelledError:
             call.aborted = True
             raise
-        return _json_response(200, _answer(body, chat), call)
+        return _json_response(200, _answer(body, chat), call, self.body_chunk)
 
 
 class _StubStream(httpx.AsyncByteStream):
@@ -115,12 +116,14 @@ class _StubStream(httpx.AsyncByteStream):
             self.call.aborted = True
 
 
-def _json_response(status: int, payload: dict[str, Any], call: Call | None = None) -> httpx.Response:
+def _json_response(status: int, payload: dict[str, Any], call: Call | None = None,
+                   piece: int | None = None) -> httpx.Response:
     data = json.dumps(payload).encode()
     headers = {"content-type": "application/json", "content-length": str(len(data)), "x-stub-secret": "raw"}
     if call is None:
         return httpx.Response(status, headers=headers, content=data)
-    return httpx.Response(status, headers=headers, stream=_StubStream(call, [data], 0.0, 0.0))
+    pieces = [data[i:i + piece] for i in range(0, len(data), piece)] if piece else [data]
+    return httpx.Response(status, headers=headers, stream=_StubStream(call, pieces, 0.0, 0.0))
 
 
 def _prompt_ids(request: dict[str, Any]) -> list[int] | None:

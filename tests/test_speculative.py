@@ -253,6 +253,17 @@ def test_the_hold_limit_counts_bytes_too(model_dir):
     assert response.content == b"".join(upstream.calls[0].sent)
 
 
+def test_a_whole_body_past_the_byte_limit_waits_too(model_dir):
+    read_at_verdict = []
+    upstream = RecordingUpstream(body_chunk=64)
+    gate = SlowGate(0.3, at_verdict=lambda: read_at_verdict.append(len(upstream.calls[0].sent)))
+    client = _client(model_dir, upstream, gate=gate, hold=(128, 128))
+    response = client.post("/v1/chat/completions", json=_body("chat", PLAIN, False))
+    assert read_at_verdict == [2]  # 128 bytes: two pieces of 64, then the reader waits
+    assert len(upstream.calls[0].sent) > 4 and response.content == b"".join(upstream.calls[0].sent)
+    assert _sample(client, "eco_hold_limit_reached_total") == 1
+
+
 # --- a client that leaves aborts everything upstream ---------------------------------------------
 
 async def _call_and_leave(app, body: dict, path: str, leave_after: float) -> list[dict]:
