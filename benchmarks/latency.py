@@ -334,6 +334,7 @@ def throughput_cost(urls: dict[str, str], backend_url: str, model: str, count: i
                                                     THROUGHPUT_CONCURRENCY, share, max_tokens, seconds))
             tokens_after, proxy_after = _vllm_tokens(backend_url), scrape_metrics(urls[route])
             good = [s for s in samples if s.status == 200]
+            print(f"    {len(good)} requests in {wall:.1f} s: {len(good) / wall:.2f} req/s", flush=True)
             row: dict[str, Any] = {
                 "share": share, "route": route, "n": len(good), "errors": len(samples) - len(good),
                 "seconds": wall, "requests_per_second": len(good) / wall,
@@ -434,6 +435,10 @@ def main() -> int:
                 row = phase_row(kind, concurrency, samples, routes, metrics)
                 row["seconds"] = time.monotonic() - started
                 rows.append(row)
+                print("    ttft p50 / total p50 ms: " + ", ".join(
+                    f"{route} {row[route]['ttft']['p50_ms']:.1f} / {row[route]['total']['p50_ms']:.1f}"
+                    + (f" (guard p50 {row[route]['guard']['p50_ms']:.1f})" if route in proxies else "")
+                    for route in routes) + f"  [{row['seconds']:.0f} s]", flush=True)
         throughput = [] if args.no_throughput else throughput_cost(
             urls, args.backend_url, model, args.throughput_requests or THROUGHPUT_REQUESTS[mode], args.max_tokens,
             args.phase_seconds or PHASE_SECONDS[mode])
