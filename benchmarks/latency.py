@@ -210,7 +210,7 @@ def print_tables(rows: list[dict[str, Any]], routes: list[str]) -> None:
                          "verdict 1st": r.get("speculative", {}).get("verdict_first_rate"),
                          "hold p50": r.get("speculative", {}).get("hold_unflagged", {}).get("p50_ms"),
                          "wasted": r.get("speculative", {}).get("wasted")})
-    print("\nEnd to end (ms; streaming chat, routes interleaved) and the proxy's own time before it calls vLLM "
+    print("\nEnd to end (ms; streaming chat, routes interleaved) and the guard's time "
           "(guard: Server-Timing header; hist: its Prometheus histogram, interpolated in buckets):")
     print(format_table(flat, ["class", "conc", "route", "n", "err", "ttft p50", "ttft p99", "total p50", "total p99",
                               "ttft/direct p50", "guard p50", "guard p99", "hist p50", "hist p99", "flagged",
@@ -464,7 +464,8 @@ def main() -> int:
                "compare_ref": args.compare_ref, "goal": check, "ttft_goal": ttft, "phases": rows,
                "throughput": throughput}
     name = f"latency_vs_{args.compare_ref}" if args.compare_ref else "latency"  # the plain run stays the headline
-    print(f"\nsaved {save_json(name, payload)} and {plot(rows, routes, name)}")
+    print(f"\nsaved {save_json(name, payload)}", flush=True)  # the figures first: a plot may fail on odd data
+    print(f"saved {plot(rows, routes, name)}")
     return 0
 
 
