@@ -284,7 +284,7 @@ def test_flagged_answers_are_the_same_in_both_modes(backend, stream):
 
     body = {"model": "gemma-3-270m", "prompt": FLAGGED_PROMPT, "max_tokens": 12, "temperature": 0,
             "stream": stream}
-    for attempt in range(3):
+    for _attempt in range(3):
         answers, corrupted = {}, {}
         for dispatch in ("sequential", "speculative"):
             client, tee = _teed_client(backend, dispatch=dispatch)
