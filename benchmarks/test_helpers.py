@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flagged_path  # noqa: E402
+import latency  # noqa: E402
 from _common import (  # noqa: E402
     HistogramSnapshot,
     format_table,
@@ -101,3 +102,29 @@ def test_echo_stream_reads_as_the_echo_text() -> None:
     assert echo.chat_stream[-1] == b"data: [DONE]\n\n"
     assert json.loads(echo.chat)["choices"][0]["message"]["content"] == ECHO_TEXT
     assert "not-a-model" in json.loads(echo.models)["data"][0]["owned_by"]
+
+
+def test_latency_counters_and_the_dispatch_policies(tmp_path: Path) -> None:
+    from proxy.policy import read_policy_config
+
+    exposition = ('# TYPE a counter\na_total{first="verdict"} 2.0\na_total{first="output"} 3.0\n'
+                  'a_total_more 7\nab_total 5\n')
+    assert latency._counter(exposition, "a_total") == 5.0
+    assert latency._counter(exposition, "a_total", {"first": "output"}) == 3.0
+    assert latency._counter(exposition, "missing_total") == 0.0
+    for dispatch in ("sequential", "speculative"):
+        config = read_policy_config(latency.dispatch_policy(tmp_path, dispatch))
+        assert config.dispatch == dispatch and Path(config.targets[0].classifier).is_absolute()
+
+
+def test_latency_speculative_figures_from_two_scrapes() -> None:
+    metrics = Metrics()
+    before = metrics.exposition().decode()
+    metrics.speculative.labels("verdict").inc(3)
+    metrics.speculative.labels("output").inc(1)
+    metrics.hold_seconds.labels("unflagged").observe(0.004)
+    metrics.wasted.labels("hp").inc()
+    metrics.wasted_prompt_tokens.labels("hp").inc(12)
+    figures = latency.speculative_figures(before, metrics.exposition().decode())
+    assert figures["verdict_first_rate"] == 0.75 and figures["wasted"] == 1
+    assert figures["wasted_prompt_tokens"] == 12 and figures["hold_unflagged"]["n"] == 1

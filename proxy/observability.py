@@ -35,8 +35,35 @@ class Metrics:
         self.classifier_latency = Histogram("eco_classifier_seconds", "Classifier latency per request, by target",
                                             ["target"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.added_latency = Histogram("eco_added_latency_seconds",
-                                       "Time the proxy spends before the backend request is sent, by path and deciding target",
+                                       "The guard's time: from the request's arrival to its plan (sequential: before vLLM is asked; "
+                                       "speculative: beside vLLM), by path and deciding target",
                                        ["path", "target"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        # Speculative dispatch (policy `dispatch: speculative`).
+        self.speculative = Counter("eco_speculative_requests",
+                                   "Speculative requests by what reached the proxy first: the verdict or vLLM's "
+                                   "first output (the verdict-before-first-token rate is first=verdict over all)",
+                                   ["first"], registry=self.registry)
+        self.hold_seconds = Histogram("eco_hold_seconds",
+                                      "How long vLLM's output was held waiting for the verdict (0: the verdict "
+                                      "came first), by path", ["path"], buckets=(0.0,) + _LATENCY_BUCKETS,
+                                      registry=self.registry)
+        self.hold_limit = Counter("eco_hold_limit_reached",
+                                  "Speculative answers that filled the hold buffer before the verdict (they waited)",
+                                  registry=self.registry)
+        self.wasted = Counter("eco_speculative_wasted", "Speculative requests aborted because the prompt was flagged",
+                              ["target"], registry=self.registry)
+        self.wasted_prompt_tokens = Counter("eco_speculative_wasted_prompt_tokens",
+                                            "Prompt tokens of speculative requests aborted as flagged", ["target"],
+                                            registry=self.registry)
+        self.wasted_generated_tokens = Counter("eco_speculative_wasted_generated_tokens",
+                                               "Generated tokens of speculative requests aborted as flagged, as far "
+                                               "as they reached the proxy (a lower bound)", ["target"],
+                                               registry=self.registry)
+        self.speculative_aborted = Counter("eco_speculative_aborted",
+                                           "Speculative requests aborted in vLLM, by reason "
+                                           "(flagged, refused, failed, client_gone)", ["reason"], registry=self.registry)
+        self.client_gone = Counter("eco_client_gone", "Clients that left before their answer began",
+                                   registry=self.registry)
         self.embedding_check = Gauge("eco_embedding_check",
                                      "Backend reads the proxy's embeddings as its text: 1 passed, 0 failed, "
                                      "-1 skipped (--skip-embedding-check), NaN not run yet", registry=self.registry)

@@ -12,6 +12,8 @@ builds every classifier before anything is swapped in, so a reload is all or not
         # corruption: {method: gaussian_first_n, dims: 640, sigma: 4.0, scope: all}
         fail_mode: closed                       # a classifier error counts as flagged
     headers: none                               # what clients see of the verdict: full | flag | none
+    dispatch: speculative                       # speculative: vLLM starts beside the gate | sequential
+    hold: {max_bytes: 262144, max_tokens: 128}  # speculative: the most unverified output held
     audit:
       include_text: false
 """
@@ -58,7 +60,16 @@ class AuditConfig(_Strict):
     include_text: bool = False
 
 
+class HoldConfig(_Strict):
+    """The most of an unverified speculative answer the proxy keeps before the verdict; past it, the
+    answer waits (in vLLM's socket), it is never released unverified."""
+
+    max_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_tokens: int = Field(default=128, ge=1)  # stream events: one per token at vLLM's --stream-interval 1
+
+
 VerdictHeaders = Literal["full", "flag", "none"]
+Dispatch = Literal["speculative", "sequential"]
 
 
 class PolicyConfig(_Strict):
@@ -68,6 +79,12 @@ class PolicyConfig(_Strict):
     # guard's Server-Timing), flag (x-eco-flagged and the policy version), none (nothing: the safe default
     # for a public endpoint). The audit log always has everything.
     headers: VerdictHeaders = "none"
+    # speculative: the request goes to vLLM as soon as it is validated, beside the gate, and vLLM's answer
+    # is held until the verdict (unflagged: released as vLLM sent it; flagged: aborted, the corrupted
+    # request sent, nothing of the first reaches the client). sequential: vLLM gets a request only after
+    # the verdict, so the model never processes a raw flagged prompt.
+    dispatch: Dispatch = "speculative"
+    hold: HoldConfig = HoldConfig()
     audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
@@ -95,6 +112,9 @@ class ActivePolicy:
     audit_include_text: bool
     source: Path
     headers: VerdictHeaders = "none"
+    dispatch: Dispatch = "speculative"
+    hold_max_bytes: int = HoldConfig().max_bytes
+    hold_max_tokens: int = HoldConfig().max_tokens
 
 
 def read_policy_config(path: Path) -> PolicyConfig:
@@ -119,7 +139,8 @@ def load_policy(path: str | Path, encoders: EncoderPool | None = None,
     config = read_policy_config(path)
     encoders = EncoderPool() if encoders is None else encoders
     targets = tuple(_load_target(path.parent, i, t, encoders, hidden_size) for i, t in enumerate(config.targets))
-    return ActivePolicy(config.version, targets, config.audit.include_text, path, config.headers)
+    return ActivePolicy(config.version, targets, config.audit.include_text, path, config.headers, config.dispatch,
+                        config.hold.max_bytes, config.hold.max_tokens)
 
 
 def _load_target(base: Path, index: int, config: TargetConfig, encoders: EncoderPool,

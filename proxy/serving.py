@@ -3,19 +3,24 @@ and `OpenAIServingChat` share `OpenAIServing`). A request's whole path is `Servi
 to bottom:
 
 authenticate → read (size-capped) → parse into the typed request → check the model → build the
-prompt(s) as the model will see them → check them against the context length → the guard's plan
-(classify with a deadline, audit, corrupt when flagged) → Forward: send the parsed request as is |
-SendCorrupted: send `prompt_embeds` to /v1/completions and adapt the answer to the shape asked for.
+prompt(s) as the model will see them → check them against the context length → [speculative
+dispatch: send the parsed request now, hold vLLM's answer] → the guard's plan (classify with a
+deadline, audit, corrupt when flagged) → Forward: vLLM's answer to the parsed request as is (the held
+one, released) | SendCorrupted: abort the held one, send `prompt_embeds` to /v1/completions and adapt
+the answer to the shape asked for. Nothing of a held answer reaches a client whose prompt was flagged:
+no byte, header, status, usage or error, and no timing (the answer begins after the verdict either way).
+If the client leaves before its answer begins, the work is cancelled and every request to vLLM closed.
 
 What goes upstream is always built from the parsed request (`proxy.protocol.FIELD_RULES`), never from
 the client's raw JSON. Backend errors are mapped to answers in one place, `Serving.handle`.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, ClassVar
 
 from fastapi import Request
@@ -27,6 +32,7 @@ from proxy.guard import CorruptionFailed, FlaggedRequest, Forward, RequestDecisi
 from proxy.policy import ActivePolicy
 from proxy.prompts import Prompt, PromptError
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, error_response, validation_message
+from proxy.speculative import HoldLimits, Speculation
 from proxy.state import ProxyState
 from proxy.translate import ChatStreamTranslator, chat_request_as_completion, completion_as_chat
 from vllm_client import BackendUnavailable, UpstreamResponse, sse
@@ -64,27 +70,58 @@ class Serving:
             reason = "unreachable" if state.embedding_check.status == "pending" else "not ready"
             return error_response(503, f"the model backend is {reason}", headers=headers.before_decision())
         try:
-            # Oversized, malformed, too deep, wrong types are refused naming the field.
-            parsed = parse(await read_body(state, request), self.request_model)
+            raw = await read_body(state, request)  # oversized bodies are refused before they are read whole
+        except RequestRefused as exc:
+            state.metrics.refused.labels(exc.reason).inc()
+            return error_response(exc.status, exc.message, param=exc.param, headers=headers.before_decision())
+        # From here on a client that leaves cancels the work, and with it every request to vLLM.
+        return await until_client_gone(request, self.answer(raw, policy, headers), state)
+
+    async def answer(self, raw: bytes, policy: ActivePolicy, headers: VerdictHeaders) -> Response:
+        state = self.state
+        speculation: Speculation | None = None
+        try:
+            # Malformed, too deep, wrong types are refused naming the field.
+            parsed = parse(raw, self.request_model)
             if parsed.model != state.served_model_name:  # the proxy serves exactly one model
                 raise RequestRefused(404, f"The model `{parsed.model}` does not exist.", "unknown_model", "model")
             # The prompt(s) as the model will see them, refused before any classifying if they cannot fit.
             prompts = await run_in_threadpool(self.prompts, parsed)
             context = await check_context(state, prompts)
+            if policy.dispatch == "speculative":  # validated: vLLM starts now, its answer held until the verdict
+                speculation = Speculation(state.upstream, self.path, parsed.upstream_fields(include_classified=True),
+                                          HoldLimits(policy.hold_max_bytes, policy.hold_max_tokens))
             plan = await state.guard.plan(policy, self.endpoint, prompts, state.classify_timeout,
                                           lambda: self.flagged_request(parsed, prompts, context))
         except RequestRefused as exc:
+            await abort(speculation, state, "refused")
             state.metrics.refused.labels(exc.reason).inc()
             return error_response(exc.status, exc.message, param=exc.param, headers=headers.before_decision())
         except BackendUnavailable as exc:
+            await abort(speculation, state, "failed")
             state.metrics.backend_errors.inc()
             return error_response(503, str(exc), headers=headers.before_decision())
         except CorruptionFailed as exc:  # the flagged prompt cannot go out uncorrupted; the trace is in the log
+            await abort(speculation, state, "failed")
             return error_response(500, "the proxy could not process this prompt; the request was not sent",
                                   headers=headers.after_decision(exc.decision))
+        except BaseException:  # cancelled (the client left), or a bug: nothing may keep running in vLLM
+            await abort(speculation, state, "client_gone")
+            raise
 
         answer_headers = headers.after_decision(plan.decision)
         headers.timing(answer_headers, state, plan)
+        if speculation is not None:
+            flagged = isinstance(plan, SendCorrupted)
+            record_verdict(state, speculation, flagged)
+            if not flagged:
+                return await released(speculation, answer_headers, state)
+            # Flagged: nothing of the speculative answer is read again; it is aborted before the corrupted
+            # request goes, and the client's answer is the corrupted request's alone.
+            await abort(speculation, state, "flagged")
+            # Counted on another thread: reading what was held must not delay (and so time) this answer.
+            asyncio.get_running_loop().run_in_executor(
+                None, record_waste, state, speculation, plan.decision.target_name, prompts)
         if isinstance(plan, Forward):
             path, body, adapter = self.path, parsed.upstream_fields(include_classified=True), None
         else:
@@ -268,6 +305,97 @@ def _echo_prefix(parsed: ChatCompletionRequest) -> str:
     if parsed.echo and last.role == "assistant" and isinstance(last.content, str):
         return last.content
     return ""
+
+
+async def until_client_gone(request: Request, work: Coroutine[Any, Any, Response], state: ProxyState) -> Response:
+    """The answer `work` makes, unless the client leaves first: then `work` is cancelled (it aborts what
+    it sent to vLLM on the way out). Once a response begins, Starlette watches the client itself."""
+    answer = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not answer.done():
+            answer.cancel()
+            await asyncio.wait([answer])
+        gone.cancel()
+    if answer.cancelled():
+        state.metrics.client_gone.inc()
+        return Response(status_code=499)  # nobody reads it
+    return answer.result()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client has disconnected (the body is read already: nothing else comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def abort(speculation: Speculation | None, state: ProxyState, reason: str) -> None:
+    if speculation is not None:
+        await speculation.abort()
+        state.metrics.speculative_aborted.labels(reason).inc()
+
+
+def record_verdict(state: ProxyState, speculation: Speculation, flagged: bool) -> None:
+    """What came first, the verdict or vLLM's output, and how long that output was held."""
+    metrics, first = state.metrics, speculation.first_output_at
+    metrics.speculative.labels("verdict" if first is None else "output").inc()
+    metrics.hold_seconds.labels("flagged" if flagged else "unflagged").observe(
+        0.0 if first is None else time.perf_counter() - first)
+    if speculation.limit_reached:
+        metrics.hold_limit.inc()
+
+
+def record_waste(state: ProxyState, speculation: Speculation, target: str, prompts: list[Prompt]) -> None:
+    metrics = state.metrics
+    metrics.wasted.labels(target).inc()
+    metrics.wasted_prompt_tokens.labels(target).inc(sum(len(p.token_ids) for p in prompts))
+    metrics.wasted_generated_tokens.labels(target).inc(speculation.generated_tokens_seen())
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A stream that runs `on_close` however it ends, also when it never started (the client left)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **options: Any):
+        super().__init__(content, **options)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
+
+
+async def released(speculation: Speculation, headers: dict[str, str], state: ProxyState) -> Response:
+    """Unflagged: vLLM's answer to the speculative request, exactly as vLLM sent it (held part first)."""
+    try:
+        response = await speculation.release()
+    except BackendUnavailable as exc:
+        await abort(speculation, state, "failed")
+        state.metrics.backend_errors.inc()
+        state.backend_lost()
+        return error_response(503, str(exc), headers=headers)
+    if response.is_stream:
+        return ClosingStreamingResponse(_released_stream(speculation), speculation.abort,
+                                        status_code=response.status_code, media_type=response.media_type,
+                                        headers=headers)
+    try:
+        content = b"".join([chunk async for chunk in speculation.body()])
+    except BackendUnavailable as exc:
+        return error_response(503, str(exc), headers=headers)
+    finally:
+        await speculation.abort()
+    return Response(content, status_code=response.status_code, media_type=response.media_type, headers=headers)
+
+
+async def _released_stream(speculation: Speculation) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in speculation.body():
+            yield chunk
+    except BackendUnavailable as exc:
+        yield _stream_error(str(exc))
 
 
 async def relay(response: UpstreamResponse, headers: dict[str, str]) -> Response:

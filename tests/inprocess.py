@@ -6,6 +6,7 @@ embedding table are the real ones of the prepared default model.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -29,31 +30,100 @@ class KeywordGate:
 
 
 @dataclass
-class RecordingUpstream:
-    """An ASGI app in vLLM's shapes that keeps each request it gets (path, parsed JSON body)."""
+class Call:
+    """One request the stub got, and what became of it."""
+
+    path: str
+    body: dict[str, Any]
+    sent: list[bytes] = field(default_factory=list)  # the body chunks the proxy has read so far
+    finished: bool = False  # the whole answer was read
+    aborted: bool = False  # the proxy closed the connection first (vLLM would abort the request)
+
+    @property
+    def raw(self) -> bool:
+        return "prompt_embeds" not in self.body
+
+
+@dataclass
+class RecordingUpstream(httpx.AsyncBaseTransport):
+    """An httpx transport in vLLM's shapes that keeps each request it gets (path, parsed JSON body) and
+    streams for real: a stream's events come one by one, and closing the response early is seen (as
+    vLLM sees a closed connection). Knobs, for the answers to raw (not prompt_embeds) requests:
+    `first_delay` seconds before the first output (a non-streaming answer's headers come then, as
+    vLLM's do), `event_delay` between stream events, `extra_events` more token events, `raw_status` an
+    error status instead, `raw_unreachable` a connection failure instead."""
 
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    first_delay: float = 0.0
+    event_delay: float = 0.0
+    extra_events: int = 0
+    raw_status: int | None = None
+    raw_unreachable: bool = False
+    slow_corrupted: bool = False  # the delays and extra events apply to corrupted requests too
+    body_chunk: int | None = None  # a whole (non-streaming) body comes in pieces of this many bytes
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        path = scope["path"]
-        if scope["method"] == "GET" and path == "/v1/models":
-            await _send_json(send, 200, {"object": "list", "data": [{
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "GET" and path == "/v1/models":
+            return _json_response(200, {"object": "list", "data": [{
                 "id": STUB_MODEL, "object": "model", "created": 0, "owned_by": "vllm",
                 "root": "/secret/models/path", "parent": None, "max_model_len": CONTEXT}]})
-            return
-        request = json.loads(body)
-        self.received.append((path, request))
+        body = json.loads(await request.aread())
+        self.received.append((path, body))
+        call = Call(path, body)
+        self.calls.append(call)
+        raw = call.raw
+        if raw and self.raw_unreachable:
+            raise httpx.ConnectError("stub: unreachable")
         chat = path.endswith("/chat/completions")
-        if request.get("stream"):
-            await _send_stream(send, _stream_events(request, chat))
-        else:
-            await _send_json(send, 200, _answer(request, chat))
+        if raw and self.raw_status is not None:
+            return _json_response(self.raw_status, {"error": {"message": "stub refused the raw request",
+                                                             "type": "BadRequestError", "param": None,
+                                                             "code": self.raw_status}}, call)
+        slow = raw or self.slow_corrupted
+        delay = self.first_delay if slow else 0.0
+        if body.get("stream"):
+            events = _stream_events(body, chat, self.extra_events if slow else 0)
+            chunks = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events] + [b"data: [DONE]\n\n"]
+            return httpx.Response(200, headers={"content-type": "text/event-stream", "x-stub-secret": "raw"},
+                                  stream=_StubStream(call, chunks, delay, self.event_delay if slow else 0.0))
+        try:
+            await asyncio.sleep(delay)  # vLLM answers a non-streaming request whole, at the end
+        except asyncio.CancelledError:
+            call.aborted = True
+            raise
+        return _json_response(200, _answer(body, chat), call, self.body_chunk)
+
+
+class _StubStream(httpx.AsyncByteStream):
+    def __init__(self, call: Call, chunks: list[bytes], first_delay: float, event_delay: float):
+        self.call, self.chunks, self.first_delay, self.event_delay = call, chunks, first_delay, event_delay
+
+    async def __aiter__(self):
+        try:
+            for index, chunk in enumerate(self.chunks):
+                await asyncio.sleep(self.first_delay if index == 0 else self.event_delay)
+                self.call.sent.append(chunk)
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            self.call.aborted = True
+            raise
+        self.call.finished = True
+
+    async def aclose(self) -> None:
+        if not self.call.finished:
+            self.call.aborted = True
+
+
+def _json_response(status: int, payload: dict[str, Any], call: Call | None = None,
+                   piece: int | None = None) -> httpx.Response:
+    data = json.dumps(payload).encode()
+    headers = {"content-type": "application/json", "content-length": str(len(data)), "x-stub-secret": "raw"}
+    if call is None:
+        return httpx.Response(status, headers=headers, content=data)
+    pieces = [data[i:i + piece] for i in range(0, len(data), piece)] if piece else [data]
+    return httpx.Response(status, headers=headers, stream=_StubStream(call, pieces, 0.0, 0.0))
 
 
 def _prompt_ids(request: dict[str, Any]) -> list[int] | None:
@@ -62,52 +132,46 @@ def _prompt_ids(request: dict[str, Any]) -> list[int] | None:
     return [0, 0, 0] if "prompt_embeds" in request else [2, 100, 200]
 
 
+def _text(request: dict[str, Any]) -> str:
+    """The answer's words tell which request it answers: the raw one, or the corrupted one."""
+    return " embed" if "prompt_embeds" in request else " stub"
+
+
 def _answer(request: dict[str, Any], chat: bool) -> dict[str, Any]:
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     if chat:
         return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": STUB_MODEL,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": " stub"}, "logprobs": None,
-                             "finish_reason": "length", "stop_reason": None, "token_ids": None}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": _text(request)},
+                             "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None}],
                 "usage": usage, "prompt_token_ids": _prompt_ids(request)}
     prompts = request.get("prompt_embeds")
     count = len(prompts) if isinstance(prompts, list) else 1
     return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": STUB_MODEL,
-            "choices": [{"index": i, "text": " stub", "logprobs": None, "finish_reason": "length",
+            "choices": [{"index": i, "text": _text(request), "logprobs": None, "finish_reason": "length",
                          "stop_reason": None, "prompt_token_ids": _prompt_ids(request), "token_ids": None}
                         for i in range(count * (request.get("n") or 1))],
             "usage": usage}
 
 
-def _stream_events(request: dict[str, Any], chat: bool) -> list[dict[str, Any]]:
+def _stream_events(request: dict[str, Any], chat: bool, extra: int = 0) -> list[dict[str, Any]]:
     head = {"id": "chatcmpl-1" if chat else "cmpl-1", "object": "chat.completion.chunk" if chat else "text_completion",
             "created": 0, "model": STUB_MODEL}
     usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
     continuous = (request.get("stream_options") or {}).get("continuous_usage_stats")
+    text = _text(request)
+    middle = [" and"] * extra
     if chat:
-        choices = [{"index": 0, "delta": {"role": "assistant", "content": ""}},
-                   {"index": 0, "delta": {"content": " stub"}, "finish_reason": "length"}]
+        choices = [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
+        choices += [{"index": 0, "delta": {"content": word}} for word in middle]
+        choices += [{"index": 0, "delta": {"content": text}, "finish_reason": "length"}]
     else:
-        choices = [{"index": 0, "text": " st", "finish_reason": None, "prompt_token_ids": _prompt_ids(request)},
-                   {"index": 0, "text": "ub", "finish_reason": "length"}]
+        choices = [{"index": 0, "text": text[:3], "finish_reason": None, "prompt_token_ids": _prompt_ids(request)}]
+        choices += [{"index": 0, "text": word, "finish_reason": None} for word in middle]
+        choices += [{"index": 0, "text": text[3:], "finish_reason": "length"}]
     events = [{**head, "choices": [choice], **({"usage": usage} if continuous else {})} for choice in choices]
     if (request.get("stream_options") or {}).get("include_usage"):
         events.append({**head, "choices": [], "usage": usage})
     return events
-
-
-async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
-    data = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
-
-
-async def _send_stream(send: Any, events: list[dict[str, Any]]) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-    for event in events:
-        await send({"type": "http.response.body", "body": b"data: " + json.dumps(event).encode() + b"\n\n",
-                    "more_body": True})
-    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
 
 @lru_cache(maxsize=2)
@@ -119,8 +183,10 @@ def _model_parts(model_dir: Path) -> tuple[Any, Any]:
     return AutoTokenizer.from_pretrained(model_dir), EmbeddingTable.from_model_dir(model_dir)
 
 
-def build_app(model_dir: Path, upstream: RecordingUpstream, headers: str = "full", **state_options: Any):
-    """The real app and request path, with the stub gate and the recording upstream."""
+def build_app(model_dir: Path, upstream: RecordingUpstream | str, headers: str = "full", dispatch: str = "speculative",
+              hold: tuple[int, int] = (256 * 1024, 128), gate: Any = None, **state_options: Any):
+    """The real app and request path, with the stub gate (or `gate`) and the recording upstream (or a
+    real backend's URL)."""
     from classifier.encoder import EncoderPool
     from proxy.app import ProxyState, create_app
     from proxy.guard import Guard
@@ -130,15 +196,16 @@ def build_app(model_dir: Path, upstream: RecordingUpstream, headers: str = "full
     from vllm_client import AsyncVllmClient
 
     tokenizer, embeddings = _model_parts(model_dir)
-    target = ActiveTarget("harry_potter", KeywordGate(), 0.5,
+    target = ActiveTarget("harry_potter", gate or KeywordGate(), 0.5,
                           CorruptionSpec(method="gaussian_first_n", dims=embeddings.hidden_size, sigma=1.0),
                           ("Hermione",), "closed")
-    policy = ActivePolicy("stub-1", (target,), False, Path("policy.yaml"), headers)
+    policy = ActivePolicy("stub-1", (target,), False, Path("policy.yaml"), headers, dispatch, *hold)
     metrics, audit = Metrics(), AuditLog(None)
     state = ProxyState(
         policy=policy, policy_path="policy.yaml", served_model_name=STUB_MODEL,
         builder=PromptBuilder(tokenizer),
         guard=Guard(embeddings, b"test-key", metrics, audit),
-        upstream=AsyncVllmClient("http://upstream", transport=httpx.ASGITransport(app=upstream)),
+        upstream=AsyncVllmClient(upstream) if isinstance(upstream, str)
+        else AsyncVllmClient("http://upstream", transport=upstream),
         metrics=metrics, audit=audit, encoders=EncoderPool(0), **state_options)
     return create_app(state)

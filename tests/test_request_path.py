@@ -27,9 +27,14 @@ def upstream():
     return RecordingUpstream()
 
 
-@pytest.fixture
-def client(model_dir, upstream):
-    return TestClient(build_app(model_dir, upstream), raise_server_exceptions=False)
+@pytest.fixture(params=["speculative", "sequential"])
+def client(model_dir, upstream, request):
+    return TestClient(build_app(model_dir, upstream, dispatch=request.param), raise_server_exceptions=False)
+
+
+def _corrupted(upstream) -> list[tuple[str, dict]]:
+    """What was sent for flagged prompts: the corrupted requests (a speculative one aside)."""
+    return [(call.path, call.body) for call in upstream.calls if not call.raw]
 
 
 def _chat(content: str, **extra) -> dict:
@@ -54,7 +59,7 @@ def _error(response) -> dict:
 def test_a_raw_prompt_cannot_ride_along_a_flagged_chat(client, upstream, stream, raw_prompt):
     response = client.post("/v1/chat/completions", json=_chat(FLAGGED, prompt=raw_prompt, stream=stream))
     assert response.status_code == 200 and response.headers["x-eco-flagged"] == "true"
-    [(path, body)] = upstream.received
+    [(path, body)] = _corrupted(upstream)
     assert path == "/v1/completions" and "prompt" not in body and "prompt_embeds" in body
     assert isinstance(body["prompt_embeds"], str)  # one corrupted prompt, nothing else
 
@@ -84,14 +89,15 @@ def test_a_string_false_is_false_on_both_paths(client, upstream):
         response = client.post("/v1/chat/completions", json=_chat(content, stream="false"))
         assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
         assert response.json()["object"] == "chat.completion"
-    assert [body["stream"] for _, body in upstream.received] == [False, False]
+    assert [body["stream"] for _, body in upstream.received] == [False] * len(upstream.received)
+    assert len(_corrupted(upstream)) == 1
     echo = client.post("/v1/completions", json=_completion(FLAGGED, echo="false"))
     assert echo.status_code == 200
 
 
 def test_a_zero_output_limit_is_sent_as_zero_not_as_the_whole_context(client, upstream):
     client.post("/v1/chat/completions", json={**_chat(FLAGGED), "max_completion_tokens": 0})
-    [(_, body)] = upstream.received
+    [(_, body)] = _corrupted(upstream)
     assert body["max_tokens"] == 0
 
 
@@ -99,7 +105,7 @@ def test_flagged_chat_default_length_is_the_rest_of_the_context(client, upstream
     body = _chat(FLAGGED)
     del body["max_tokens"]
     client.post("/v1/chat/completions", json=body)
-    [(_, sent)] = upstream.received
+    [(_, sent)] = _corrupted(upstream)
     assert 2000 < sent["max_tokens"] < 2048
 
 
@@ -132,7 +138,7 @@ def test_deep_nesting_and_bad_json_are_400(client):
 def test_null_where_a_value_is_expected(client, upstream):
     response = client.post("/v1/completions", json=_completion(FLAGGED, prompt_embeds=None, n=None, stream=None))
     assert response.status_code == 200
-    [(_, body)] = upstream.received
+    [(_, body)] = _corrupted(upstream)
     assert isinstance(body["prompt_embeds"], str)
 
 
@@ -258,7 +264,7 @@ def test_a_slow_verdict_falls_back_to_the_fail_mode(model_dir, upstream):
     client = TestClient(_with_gate(build_app(model_dir, upstream, classify_timeout=0.2), CountingGate(delay=1.0)))
     response = client.post("/v1/completions", json=_completion(PLAIN))
     assert response.status_code == 200 and response.headers["x-eco-flagged"] == "true"  # closed: corrupted
-    [(_, body)] = upstream.received
+    [(_, body)] = _corrupted(upstream)
     assert "prompt_embeds" in body and "prompt" not in body
 
 
