@@ -35,7 +35,7 @@ class SlowGate(KeywordGate):
     def __init__(self, delay: float, at_verdict=None):
         self.delay, self.at_verdict = delay, at_verdict
 
-    def score_segments(self, segments: list[str]) -> float:
+    def score_segments(self, segments: list[str], stop_above: float | None = None) -> float:
         time.sleep(self.delay)
         if self.at_verdict is not None:
             self.at_verdict()

@@ -37,7 +37,7 @@ class SlowGate(KeywordGate):
         self.delay = delay
         self.verdict_at: float | None = None
 
-    def score_segments(self, segments: list[str]) -> float:
+    def score_segments(self, segments: list[str], stop_above: float | None = None) -> float:
         time.sleep(self.delay)
         self.verdict_at = time.monotonic()
         return super().score_segments(segments)
