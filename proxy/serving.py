@@ -378,7 +378,7 @@ async def released(speculation: Speculation, headers: dict[str, str], state: Pro
         state.backend_lost()
         return error_response(503, str(exc), headers=headers)
     if response.is_stream:
-        return ClosingStreamingResponse(_released_stream(speculation), speculation.abort,
+        return ClosingStreamingResponse(_chunks_or_error(speculation.body()), speculation.abort,
                                         status_code=response.status_code, media_type=response.media_type,
                                         headers=headers)
     try:
@@ -390,18 +390,11 @@ async def released(speculation: Speculation, headers: dict[str, str], state: Pro
     return Response(content, status_code=response.status_code, media_type=response.media_type, headers=headers)
 
 
-async def _released_stream(speculation: Speculation) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in speculation.body():
-            yield chunk
-    except BackendUnavailable as exc:
-        yield _stream_error(str(exc))
-
-
 async def relay(response: UpstreamResponse, headers: dict[str, str]) -> Response:
     """The backend's answer as it came: a stream stays a stream, bytes stay bytes."""
     if response.is_stream:
-        return StreamingResponse(_relay_stream(response), status_code=response.status_code,
+        # Closing the stream on client disconnect closes the upstream response: vLLM aborts the request.
+        return StreamingResponse(_chunks_or_error(response.raw()), status_code=response.status_code,
                                  media_type=response.media_type, headers=headers)
     try:
         content = await response.read()
@@ -410,10 +403,10 @@ async def relay(response: UpstreamResponse, headers: dict[str, str]) -> Response
     return Response(content, status_code=response.status_code, media_type=response.media_type, headers=headers)
 
 
-async def _relay_stream(response: UpstreamResponse) -> AsyncIterator[bytes]:
-    # Closing the upstream response on client disconnect (generator closed) aborts the request in vLLM.
+async def _chunks_or_error(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """vLLM's chunks as they come; a backend failing mid-way still ends the stream well-formed."""
     try:
-        async for chunk in response.raw():
+        async for chunk in chunks:
             yield chunk
     except BackendUnavailable as exc:
         yield _stream_error(str(exc))
