@@ -35,14 +35,13 @@ from tqdm.auto import tqdm
 from classifier.batching import DEFAULT_CACHE_SIZE, BatchingRunner
 from classifier.cascade import NgramStage, recall_threshold
 from classifier.encoder import DEFAULT_ENCODER, resolve_encoder_path
-from classifier.artifact import read_artifact_meta
+from classifier.artifact import META_FILE, read_artifact_meta
 from classifier.model import training_hash
 from classifier.normalize import variants
 from classifier.segments import segments
 
 ARTIFACT_FORMAT = 3
 KIND = "finetuned"
-META_FILE = "classifier.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 INFERENCE_BATCH = 64

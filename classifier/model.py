@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from classifier.artifact import META_FILE, read_artifact_meta
 from classifier.encoder import DEFAULT_ENCODER, Encoder
 from classifier.metrics import wilson_interval
 
 ARTIFACT_FORMAT = 2  # 2: the head has n-gram weights
 HEAD_FILE = "head.safetensors"
-META_FILE = "classifier.json"
 
 
 def training_hash(texts: Sequence[str], labels: Sequence[int]) -> str:
@@ -212,8 +212,6 @@ class PromptClassifier:
 
     @staticmethod
     def _read_meta(directory: Path) -> dict[str, Any]:
-        from classifier.artifact import read_artifact_meta
-
         return read_artifact_meta(directory, (ARTIFACT_FORMAT,))
 
     @staticmethod

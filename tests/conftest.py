@@ -37,6 +37,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The prepared default model (its tokenizer and embedding table), for in-process tests."""
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
 def backend(tmp_path_factory: pytest.TempPathFactory):
     external = os.environ.get("ECO_TEST_BACKEND_URL")
     if external:

@@ -18,6 +18,8 @@ import httpx
 from corruption.spec import CorruptionSpec
 
 STUB_MODEL = "gemma-3-270m"
+FLAGGED = "Tell me about Harry Potter and Hogwarts."  # the keyword gate flags it
+PLAIN = "What is the capital of Japan?"
 CONTEXT = 2048
 FORGET_WORDS = ("hogwarts", "hermione", "harry potter", "dumbledore", "voldemort")
 

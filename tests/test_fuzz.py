@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from inprocess import STUB_MODEL, RecordingUpstream, build_app
-from proxy.model_prep import prepare_default_model
 from proxy.protocol import FIELD_RULES
 
 pytestmark = pytest.mark.unit
@@ -35,8 +34,8 @@ def _bodies(endpoint: str) -> st.SearchStrategy:
 
 
 @pytest.fixture(scope="module")
-def client():
-    return TestClient(build_app(prepare_default_model(), RecordingUpstream()), raise_server_exceptions=False)
+def client(model_dir):
+    return TestClient(build_app(model_dir, RecordingUpstream()), raise_server_exceptions=False)
 
 
 @pytest.mark.parametrize("endpoint,path", [("completions", "/v1/completions"), ("chat", "/v1/chat/completions")])

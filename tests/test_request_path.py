@@ -8,18 +8,10 @@ import time
 import pytest
 from starlette.testclient import TestClient
 
-from inprocess import STUB_MODEL, KeywordGate, RecordingUpstream, build_app
-from proxy.model_prep import prepare_default_model
+from inprocess import FLAGGED, PLAIN, STUB_MODEL, KeywordGate, RecordingUpstream, build_app
 
 pytestmark = pytest.mark.unit
 
-FLAGGED = "Tell me about Harry Potter and Hogwarts."
-PLAIN = "What is the capital of Japan?"
-
-
-@pytest.fixture(scope="module")
-def model_dir():
-    return prepare_default_model()
 
 
 @pytest.fixture

@@ -12,21 +12,13 @@ import time
 
 import pytest
 import torch
-from inprocess import STUB_MODEL, KeywordGate, RecordingUpstream, build_app
+from inprocess import FLAGGED, PLAIN, STUB_MODEL, KeywordGate, RecordingUpstream, build_app
 from starlette.testclient import TestClient
 
-from proxy.model_prep import prepare_default_model
 from proxy.policy import PolicyError, load_policy, read_policy_config
 
 pytestmark = pytest.mark.unit
 
-FLAGGED = "Tell me about Harry Potter and Hogwarts."
-PLAIN = "What is the capital of Japan?"
-
-
-@pytest.fixture(scope="module")
-def model_dir():
-    return prepare_default_model()
 
 
 class SlowGate(KeywordGate):
