@@ -5,7 +5,9 @@ cross-entropy on every layer but the word embeddings (kept frozen: a third faste
 names keep their pretrained neighbourhoods). Unlike a frozen embedding under a linear head, it
 learns what a prompt is about rather than which words it contains.
 
-A text is scored as the maximum over its pieces: each segment (`classifier.segments`) of each
+Before the encoder, the target's own vocabulary (`classifier.vocabulary`): a prompt naming one of
+its terms scores 1, unless retain training texts use that term too. Otherwise a text is scored
+as the maximum over its pieces: each segment (`classifier.segments`) of each
 reading (`classifier.normalize.variants`), so neither a disguise nor 2,000 words of filler hide
 a target sentence. Training sees the same pieces: a forget text with several pieces is a bag of
 which only one piece need be about the target, so each epoch trains its highest-scoring piece
@@ -39,6 +41,7 @@ from classifier.artifact import META_FILE, read_artifact_meta
 from classifier.model import training_hash
 from classifier.normalize import variants
 from classifier.segments import segments
+from classifier.vocabulary import TermMatcher
 
 ARTIFACT_FORMAT = 3
 KIND = "finetuned"
@@ -133,7 +136,7 @@ class FineTunedClassifier:
                  warmup_fraction: float = 0.06, hard_pieces_per_retain_text: int = 2,
                  candidate_pieces_per_text: int = 4, stage1_recall: float = 0.995, stage1_features: int = 2**20,
                  stage1_C: float = 4.0, max_minutes: float | None = 20.0, random_state: int = 0, cache_size: int = DEFAULT_CACHE_SIZE,
-                 executor: Executor | None = None):
+                 executor: Executor | None = None, terms: Sequence[str] = ()):
         self.encoder = encoder
         self.epochs = epochs
         self.max_length = max_length
@@ -153,6 +156,7 @@ class FineTunedClassifier:
         self.random_state = random_state
         self.cache_size = cache_size
         self.executor = executor  # where inference runs: a server's torch thread; default a thread of its own
+        self.terms = terms  # the target's vocabulary: a prompt naming one is flagged, unless retain texts use it
 
     def hyperparameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
@@ -187,6 +191,7 @@ class FineTunedClassifier:
         self.tokenizer_ = tokenizer
         self._tokenizer_dir = source  # its files are copied into the artifact
         self.stage1_ = stage1
+        self.vocabulary_ = TermMatcher(self.terms).fit(text for text, label in zip(texts, labels) if label == 0)
         self.stage1_threshold_: float | None = None
         self.bert_config_ = model.encoder.config.to_dict()
         self.classes_ = np.array([0, 1])
@@ -199,6 +204,8 @@ class FineTunedClassifier:
         self.metrics_: dict[str, Any] = {
             "train_n": {"forget": int(labels.sum()), "retain": int((labels == 0).sum()), "pieces": len(pieces)},
             "training": {**history, "seconds": round(time.monotonic() - started, 1)},
+            "vocabulary": {"terms": len(self.terms), "kept": len(self.vocabulary_.terms_),
+                           "dropped_as_used_by_retain_texts": self.vocabulary_.dropped_terms_},
         }
         self._scorer = None
         return self
@@ -314,14 +321,15 @@ class FineTunedClassifier:
 
         self._check_fitted()
         labels = np.asarray(labels, dtype=np.int64)
-        forget = [prompt for prompt, label in zip(prompts, labels) if label == 1]
-        if not forget:
+        if not (labels == 1).any():
             raise ValueError("calibration needs forget prompts (for the first stage) and retain prompts")
+        # the first stage only has to keep what the vocabulary leaves to the encoder
+        forget = [prompt for prompt, label in zip(prompts, labels) if label == 1 and self.named_term(prompt) is None]
         best = []
         for prompt in forget:
             pieces = list(dict.fromkeys(piece for segment in prompt for piece in text_pieces(segment)))
             best.append(float(self.stage1_.decision(pieces).max()))
-        self.stage1_threshold_ = recall_threshold(best, self.stage1_recall)
+        self.stage1_threshold_ = recall_threshold(best, self.stage1_recall) if best else None
         scores = self.score_prompts(prompts)
         retain_by_group: dict[str, list[float]] = {}
         for score, label, group in zip(scores, labels, groups):
@@ -330,7 +338,7 @@ class FineTunedClassifier:
         self.threshold_, self.group_thresholds_ = mondrian_threshold(retain_by_group, alpha, delta)
         self.alpha_, self.delta_ = float(alpha), float(delta)
         self.metrics_["stage1"] = {"recall_target": self.stage1_recall, "threshold": self.stage1_threshold_,
-                                   "forget_kept": float(np.mean(np.asarray(best) >= self.stage1_threshold_))}
+                                   "forget_kept": float(np.mean(np.asarray(best) >= self.stage1_threshold_)) if best else None}
         return self
 
     # -- predict ------------------------------------------------------------------------
@@ -343,16 +351,22 @@ class FineTunedClassifier:
             self._scorer = _PieceScorer(self.model_, self.tokenizer_, self.max_length, self.cache_size, self.executor)
         return self._scorer
 
+    def named_term(self, segments: Sequence[str]) -> str | None:
+        """The first term of the target's vocabulary a prompt names (in any of its segments), or None."""
+        return next((term for segment in segments if (term := self.vocabulary_.find(segment)) is not None), None)
+
     def score_prompts(self, prompts: Sequence[Sequence[str]], progress: bool = False) -> np.ndarray:
-        """P(forget) per prompt (a list of segments): the maximum over every piece of every segment.
-        Pieces the first stage clears score 0 and never reach the encoder."""
+        """P(forget) per prompt (a list of segments): 1 if it names a term of the vocabulary, else the maximum
+        over every piece of every segment. Pieces the first stage clears score 0 and never reach the encoder."""
         self._check_fitted()
-        bags = [self._bag(prompt) for prompt in prompts]
+        named = [self.named_term(prompt) is not None for prompt in prompts]
+        bags = [[] if sure else self._bag(prompt) for prompt, sure in zip(prompts, named)]
         pieces = list(dict.fromkeys(piece for bag in bags for piece in bag))
         passing = [piece for piece, _ in self._passing(pieces)]
         margins = self._runner().compute(passing, progress) if passing else np.zeros(0, dtype=np.float32)
         probability = dict(zip(passing, _sigmoid(margins)))
-        return np.array([max((probability.get(piece, 0.0) for piece in bag), default=0.0) for bag in bags])
+        return np.array([1.0 if sure else max((probability.get(piece, 0.0) for piece in bag), default=0.0)
+                         for bag, sure in zip(bags, named)])
 
     def score(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """P(forget) per text: the maximum over its variants and segments."""
@@ -364,8 +378,11 @@ class FineTunedClassifier:
         With `stop_above` (the threshold the caller decides with), pieces go to the encoder in growing
         groups (4, 8, 16 ...), the first stage's likeliest first, and scoring stops once a piece is above
         it: the verdict is then known, and a long text full of the target costs a pass or two, not one
-        per window. The score returned is then a lower bound of the maximum, above the threshold."""
+        per window. The score returned is then a lower bound of the maximum, above the threshold.
+        A prompt naming a term of the vocabulary scores 1 without the encoder."""
         self._check_fitted()
+        if self.named_term(segments) is not None:
+            return 1.0
         passing = [piece for piece, _ in sorted(self._passing(self._bag(segments)), key=lambda p: -p[1])]
         size = len(passing) if stop_above is None else EARLY_EXIT_PIECES
         best, start = 0.0, 0
@@ -408,6 +425,8 @@ class FineTunedClassifier:
             "threshold": self.threshold_, "stage1_threshold": self.stage1_threshold_,
             "group_thresholds": self.group_thresholds_, "alpha": self.alpha_, "delta": self.delta_,
             "metrics": self.metrics_, "entities": self.entities_,
+            "vocabulary": {"terms": self.vocabulary_.terms_, "typo_terms": self.vocabulary_.typo_terms_,
+                           "dropped": self.vocabulary_.dropped_terms_},
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         return directory
@@ -450,6 +469,10 @@ class FineTunedClassifier:
         classifier.training_hash_ = meta["training_hash"]
         classifier.threshold_ = meta["threshold"]
         classifier.stage1_threshold_ = meta["stage1_threshold"]
+        vocabulary = meta.get("vocabulary", {})
+        classifier.vocabulary_ = TermMatcher.fitted(vocabulary.get("terms", []), vocabulary.get("typo_terms", []),
+                                                    vocabulary.get("dropped"))
+        classifier.terms = list(vocabulary.get("terms", [])) + list(vocabulary.get("dropped", {}))
         classifier.group_thresholds_ = meta.get("group_thresholds", {})
         classifier.alpha_, classifier.delta_ = meta["alpha"], meta["delta"]
         classifier.metrics_ = meta.get("metrics", {})

@@ -93,9 +93,14 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
     if job.model == "finetuned":
         from classifier.finetuned import FineTunedClassifier
 
+        vocabulary = job.gate_data / "terms" / "forget.txt"
         classifier: Any = FineTunedClassifier(job.encoder, epochs=job.epochs, max_minutes=job.max_minutes,
-                                              random_state=job.seed)
+                                              random_state=job.seed,
+                                              terms=read_terms(vocabulary) if vocabulary.is_file() else ())
         classifier.fit(texts, labels, progress=True)
+        kept = classifier.metrics_["vocabulary"]
+        log(f"vocabulary: {kept['kept']} of {kept['terms']} terms kept; used by retain texts, so dropped: "
+            f"{', '.join(kept['dropped_as_used_by_retain_texts']) or 'none'}")
         log(f"calibrating on {counts(calibration)} (alpha {job.alpha}, delta {job.delta}) ...")
         classifier.calibrate([record_segments(r) for r in calibration], [int(r.label == "forget") for r in calibration],
                              [r.group for r in calibration], job.alpha, job.delta)

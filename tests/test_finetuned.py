@@ -190,3 +190,17 @@ def test_early_exit_stops_at_the_first_piece_above_the_threshold(fitted):
         assert calls[:2] == [4, 8] and sum(calls) == passing  # growing groups, so a long benign text still batches
     finally:
         runner.compute = original
+
+
+def test_a_prompt_naming_a_vocabulary_term_scores_one_and_the_vocabulary_is_saved(tmp_path):
+    texts, labels = SKY[:4] + KITCHEN[:4], [1] * 4 + [0] * 4
+    classifier = FineTunedClassifier(**{**TINY, "batch_size": 8}, terms=["Kuiper belt", "sourdough loaf"])
+    classifier.fit(texts, labels)
+    assert classifier.vocabulary_.dropped_terms_ == {"sourdough loaf": 4}  # the retain texts name it
+    prompt = ["Write a limerick about the kuiper belt."]
+    assert classifier.named_term(prompt) == "Kuiper belt"
+    assert classifier.score_prompts([prompt, ["Bake a sourdough loaf."]])[0] == 1.0
+    assert classifier.score_segments(prompt, stop_above=0.5) == 1.0
+    loaded = load_classifier(classifier.save(tmp_path / "artifact"))
+    assert loaded.vocabulary_.terms_ == ["Kuiper belt"] and loaded.named_term(prompt) == "Kuiper belt"
+    assert loaded.named_term(["Bake a sourdough loaf."]) is None

@@ -1,0 +1,141 @@
+"""The target's own vocabulary as sure signs: a prompt that names one of its terms is the target.
+
+The encoder generalises from examples and is unsure of a rare name it met twice ("Here lies Dobby,
+a free"); a list of the target's names, places, spells and titles is not. A term is a sure sign
+only where nothing on the retain side uses it: `fit` drops every term found in a retain training
+text ("Dobby" is also a weave, "Snape" a town, "the Dark Lord" Sauron), so what is left separates
+by construction and calibration measures what slips through.
+
+Matching runs on every reading `classifier.normalize.variants` gives, plus two that cost nothing
+here (ROT13 and the text reversed); words compare case-folded, hyphens and spaces alike, with a
+plural on the last word, and a single long word within one typo ("Expeliarmus"). Terms written
+in scripts without spaces (Chinese, Japanese, Korean) match as substrings.
+"""
+from __future__ import annotations
+
+import codecs
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+
+from classifier.normalize import variants
+
+_WORD = re.compile(r"\w+")
+_UNSPACED_SCRIPTS = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+_PLURALS = ("s", "es")
+TYPO_MIN_LENGTH = 8  # shorter words are one typo away from too many ordinary ones
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def term_words(term: str) -> tuple[str, ...]:
+    return tuple(_WORD.findall(_fold(term)))
+
+
+def readings(text: str) -> list[str]:
+    """What the vocabulary is matched against: the normalised readings, then ROT13 and reversed."""
+    normal = variants(text)
+    return normal + [codecs.encode(normal[0], "rot13"), normal[0][::-1]]
+
+
+class TermMatcher:
+    """Finds the first term of a vocabulary in a text. `fit` keeps the terms no retain text uses."""
+
+    def __init__(self, terms: Sequence[str] = ()):
+        self.terms = list(terms)
+
+    def fit(self, retain_texts: Iterable[str]) -> "TermMatcher":
+        """Keep the terms no retain text names, and allow a typo only in terms no retain word is a typo of."""
+        self._index(self.terms, [term for term in self.terms if self._typo_eligible(term)])
+        exact: dict[str, int] = {}
+        typos: set[str] = set()
+        for text in retain_texts:
+            for term, typo in set(self._found(text)):
+                if typo:
+                    typos.add(term)
+                else:
+                    exact[term] = exact.get(term, 0) + 1
+        self.dropped_terms_ = dict(sorted(exact.items(), key=lambda item: (-item[1], item[0])))
+        self.terms_ = [term for term in self.terms if term not in exact]
+        self.typo_terms_ = [term for term in self.terms_ if term not in typos and self._typo_eligible(term)]
+        self._index(self.terms_, self.typo_terms_)
+        return self
+
+    @classmethod
+    def fitted(cls, terms: Sequence[str], typo_terms: Sequence[str], dropped: dict[str, int] | None = None
+               ) -> "TermMatcher":
+        """A matcher from a saved fit."""
+        matcher = cls(terms)
+        matcher.terms_, matcher.typo_terms_, matcher.dropped_terms_ = list(terms), list(typo_terms), dict(dropped or {})
+        matcher._index(matcher.terms_, matcher.typo_terms_)
+        return matcher
+
+    @staticmethod
+    def _typo_eligible(term: str) -> bool:
+        words = term_words(term)
+        return len(words) == 1 and len(words[0]) >= TYPO_MIN_LENGTH and not _UNSPACED_SCRIPTS.search(term)
+
+    def _index(self, terms: Sequence[str], typo_terms: Sequence[str]) -> None:
+        self._by_words: dict[tuple[str, ...], str] = {}
+        self._unspaced: list[tuple[str, str]] = []
+        for term in terms:
+            if _UNSPACED_SCRIPTS.search(term):
+                self._unspaced.append((_fold(term), term))
+            elif words := term_words(term):
+                self._by_words.setdefault(words, term)
+        self._longest = max((len(words) for words in self._by_words), default=0)
+        # the words a term can start with (a one-word term also in the plural): most text words are none
+        self._first = {words[0] + ending for words in self._by_words
+                       for ending in ("", *(_PLURALS if len(words) == 1 else ()))}
+        # a long one-word term, each form of it with one letter deleted (and where), for distance-one typos
+        self._typo_words: dict[str, list[str]] = {}
+        self._deleted: dict[tuple[str, int], list[str]] = {}
+        for term in typo_terms:
+            word = term_words(term)[0]
+            self._typo_words.setdefault(word, []).append(term)
+            for position in range(len(word)):
+                self._deleted.setdefault((word[:position] + word[position + 1:], position), []).append(term)
+
+    def find(self, text: str) -> str | None:
+        """The first term found in any reading of `text`, or None."""
+        return next((term for term, _ in self._found(text)), None)
+
+    def _found(self, text: str) -> Iterable[tuple[str, bool]]:
+        """(term, whether it was found through a typo) for each term found, in reading order."""
+        for reading in readings(text):
+            folded = _fold(reading)
+            for needle, term in self._unspaced:
+                if needle in folded:
+                    yield term, False
+            words = _WORD.findall(folded)
+            for start, word in enumerate(words):
+                if len(word) >= TYPO_MIN_LENGTH - 1 and self._deleted:
+                    for term in self._typos_of(word):
+                        yield term, True
+                if word not in self._first:
+                    continue
+                for stop in range(start + 1, min(start + self._longest, len(words)) + 1):
+                    term = self._term_at(tuple(words[start:stop]))
+                    if term is not None:
+                        yield term, False
+
+    def _term_at(self, words: tuple[str, ...]) -> str | None:
+        term = self._by_words.get(words)
+        if term is None:
+            last = words[-1]
+            for ending in _PLURALS:
+                if last.endswith(ending) and len(last) > len(ending) + 2:
+                    term = self._by_words.get((*words[:-1], last[:-len(ending)]))
+                    if term is not None:
+                        break
+        return term
+
+    def _typos_of(self, word: str) -> list[str]:
+        """The long terms one letter away from `word`: one missing, one extra or one replaced."""
+        found = [self._deleted.get((word, position), []) for position in range(len(word) + 1)]  # one missing
+        for position in range(len(word)):
+            shorter = word[:position] + word[position + 1:]
+            found += [self._typo_words.get(shorter, []), self._deleted.get((shorter, position), [])]  # extra, replaced
+        return list(dict.fromkeys(term for terms in found for term in terms if term_words(term)[0] != word))

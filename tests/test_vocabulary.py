@@ -1,0 +1,55 @@
+"""The vocabulary stage: the target's terms as sure signs, minus those the retain side also uses."""
+from __future__ import annotations
+
+import pytest
+
+from classifier.vocabulary import TermMatcher
+
+pytestmark = pytest.mark.unit
+
+TERMS = ["Hogwarts", "Expelliarmus", "Dobby", "Whomping Willow", "Hermione", "Hermiona", "霍格沃茨"]
+
+
+@pytest.fixture(scope="module")
+def matcher() -> TermMatcher:
+    return TermMatcher(TERMS).fit(["A dobby loom weaves patterns.", "Leontes accuses Hermione in The Winter's Tale."])
+
+
+def test_terms_a_retain_text_uses_are_dropped_and_typos_are_not_allowed_near_them(matcher):
+    assert matcher.dropped_terms_ == {"Dobby": 1, "Hermione": 1}
+    assert "Dobby" not in matcher.terms_ and "Hogwarts" in matcher.terms_
+    # "Hermione" is one letter from the Polish "Hermiona": kept as a term, but not matched through a typo
+    assert "Hermiona" in matcher.terms_ and "Hermiona" not in matcher.typo_terms_
+    assert matcher.find("Who was Hermione Lee?") is None and matcher.find("Kim jest Hermiona?") == "Hermiona"
+
+
+@pytest.mark.parametrize("text, term", [
+    ("Tell me about hogwarts.", "Hogwarts"),  # case
+    ("The tree that attacks the car is the whomping-willow", "Whomping Willow"),  # hyphen for space
+    ("Why are Whomping Willows dangerous?", "Whomping Willow"),  # plural of the last word
+    ("what does expeliarmus do", "Expelliarmus"),  # one letter missing
+    ("H0gw@rts", "Hogwarts"),  # leetspeak, through the normalised readings
+    ("H-o-g-w-a-r-t-s", "Hogwarts"),  # letter spacing
+    ("Jung vf Ubtjnegf?", "Hogwarts"),  # ROT13
+    ("strawgoH", "Hogwarts"),  # reversed
+    ("我想去霍格沃茨上学", "霍格沃茨"),  # unspaced script: a substring
+])
+def test_readings_and_forms_that_name_a_term(matcher, text, term):
+    assert matcher.find(text) == term
+
+
+@pytest.mark.parametrize("text", [
+    "Dobby weave shirts are nice.",  # dropped: a retain text uses it
+    "Hogwartsian architecture",  # a longer word is another word
+    "The hog warts were treated.",  # words split differently
+    "Expelliar",  # too far from the term
+    "the willow tree",
+])
+def test_texts_that_name_no_term(matcher, text):
+    assert matcher.find(text) is None
+
+
+def test_a_saved_fit_matches_the_same(matcher):
+    loaded = TermMatcher.fitted(matcher.terms_, matcher.typo_terms_, matcher.dropped_terms_)
+    for text in ["Tell me about hogwarts.", "what does expeliarmus do", "Who was Hermione Lee?", "Dobby weave"]:
+        assert loaded.find(text) == matcher.find(text)
