@@ -125,6 +125,8 @@ class ToolFunction(BaseModel):
 
 
 class Tool(BaseModel):
+    """A tool the model may be shown (and, with a tool choice, asked to call)."""
+
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"] = "function"
@@ -132,12 +134,15 @@ class Tool(BaseModel):
     defer_loading: bool | None = None
 
     def rendered(self) -> dict[str, Any]:
-        """The tool as vLLM hands it to the chat template (unset optional flags left out)."""
-        function = self.function.model_dump(exclude_none=True, include={"strict", "defer_loading"})
-        function = {"name": self.function.name, "description": self.function.description,
-                    "parameters": self.function.parameters, **function}
-        if self.defer_loading is not None and self.function.defer_loading is None:
-            function["defer_loading"] = self.defer_loading  # vLLM carries the tool's flag into its function
+        """The tool as vLLM hands it to the chat template: unset flags left out, the tool's `defer_loading`
+        carried into its function unless the function sets its own."""
+        function: dict[str, Any] = {"name": self.function.name, "description": self.function.description,
+                                    "parameters": self.function.parameters}
+        if self.function.strict is not None:
+            function["strict"] = self.function.strict
+        defer = self.function.defer_loading if self.function.defer_loading is not None else self.defer_loading
+        if defer is not None:
+            function["defer_loading"] = defer
         tool: dict[str, Any] = {"type": self.type, "function": function}
         if self.defer_loading is not None:
             tool["defer_loading"] = self.defer_loading

@@ -211,7 +211,8 @@ class _Tokenizer:
 
 def test_the_rendered_tools_are_what_vllm_hands_the_template():
     tools = [WEATHER, {"function": {"name": "g", "strict": False, "vendor": 1}},
-             {"type": "function", "function": {"name": "h", "description": "d"}, "defer_loading": True}]
+             {"type": "function", "function": {"name": "h", "description": "d"}, "defer_loading": True},
+             {"type": "function", "function": {"name": "k", "defer_loading": False}, "defer_loading": True}]
     request = _request("none", tools=tools)
     assert [t.rendered() for t in request.tools] == [t.model_dump() for t in _vllm_request(request).tools]
     assert json.dumps([t.rendered() for t in request.tools])  # plain JSON for the gate to read
