@@ -89,7 +89,7 @@ class PromptBuilder:
     def _render(self, request: ChatCompletionRequest, messages: list[dict[str, Any]]) -> str:
         return self.tokenizer.apply_chat_template(
             messages,
-            tools=request.tools,
+            tools=_template_tools(request),
             documents=request.documents,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
@@ -132,6 +132,10 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     return rendered
 
 
+def _template_tools(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    return None if request.tools is None else [tool.rendered() for tool in request.tools]
+
+
 def _field_texts(request: ChatCompletionRequest) -> list[str]:
     """Text the template may render outside message contents: reasoning, names, tool calls, tools, documents."""
     texts = []
@@ -142,7 +146,7 @@ def _field_texts(request: ChatCompletionRequest) -> list[str]:
                 texts.append(call.function.arguments)
         if message.tools:
             texts.append(json.dumps(message.tools, ensure_ascii=False))
-    for extra in (request.tools, request.documents):
+    for extra in (_template_tools(request), request.documents):
         if extra:
             texts.append(json.dumps(extra, ensure_ascii=False))
     return texts

@@ -112,6 +112,54 @@ class ChatMessage(_Open):
         return content
 
 
+class ToolFunction(BaseModel):
+    """A tool's function as vLLM reads it; vLLM renders only these keys, so the others are dropped here too."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    defer_loading: bool | None = None
+
+
+class Tool(BaseModel):
+    """A tool the model may be shown (and, with a tool choice, asked to call)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+    defer_loading: bool | None = None
+
+    def rendered(self) -> dict[str, Any]:
+        """The tool as vLLM hands it to the chat template: unset flags left out, the tool's `defer_loading`
+        carried into its function unless the function sets its own."""
+        function: dict[str, Any] = {"name": self.function.name, "description": self.function.description,
+                                    "parameters": self.function.parameters}
+        if self.function.strict is not None:
+            function["strict"] = self.function.strict
+        defer = self.function.defer_loading if self.function.defer_loading is not None else self.defer_loading
+        if defer is not None:
+            function["defer_loading"] = defer
+        tool: dict[str, Any] = {"type": self.type, "function": function}
+        if self.defer_loading is not None:
+            tool["defer_loading"] = self.defer_loading
+        return tool
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`{"type": "function", "function": {"name": ...}}`: the model must call this function."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -157,7 +205,7 @@ class _Request(BaseModel):
     return_token_offsets: Any = None
     return_tokens_as_token_ids: Any = None
     response_format: Any = None
-    structured_outputs: Any = None
+    structured_outputs: dict[str, Any] | None = None  # an object; vLLM answers anything else with a 500
     use_beam_search: Any = None
     user: Any = None
     priority: Any = None
@@ -206,6 +254,10 @@ _REFUSALS = {
 }
 
 
+def _constraint_count(structured_outputs: dict[str, Any] | None) -> int:
+    return sum((structured_outputs or {}).get(kind) is not None for kind in ("json", "regex", "choice"))
+
+
 class CompletionRequest(_Request):
     endpoint: ClassVar[Endpoint] = "completions"
 
@@ -219,9 +271,9 @@ class ChatCompletionRequest(_Request):
     endpoint: ClassVar[Endpoint] = "chat"
 
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     documents: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -238,16 +290,24 @@ class ChatCompletionRequest(_Request):
     mm_processor_kwargs: Any = None
 
     @model_validator(mode="after")
-    def _no_tool_calling(self) -> "ChatCompletionRequest":
-        # Tools the model may call would need their calls parsed back on the flagged path too; until
-        # then tool calling is refused on every request alike, so the refusal says nothing of a verdict.
-        # Tools with tool_choice "none" are only rendered into the prompt (and read by the gate).
-        if self.tools is not None and self.tool_choice != "none":
-            raise ValueError("tool_choice: tool calling is not available through this proxy; "
-                             "send tools with tool_choice \"none\" or no tools")
+    def _vllm_chat_checks(self) -> "ChatCompletionRequest":
+        # vLLM's chat endpoint refuses these; the flagged path (completions) would not notice them, so the proxy
+        # refuses them on every request alike.
+        if self.tools == []:
+            raise ValueError("tools: `tools` must not be an empty array; provide at least one tool or omit the field")
         if self.tools is None and self.tool_choice not in (None, "none"):
             raise ValueError("tool_choice: when using `tool_choice`, `tools` must be set")
-        # vLLM's chat endpoint refuses this; the flagged path (completions) would not notice it.
+        if isinstance(self.tool_choice, NamedToolChoice):
+            if self.tool_choice.function.name not in {tool.function.name for tool in self.tools or []}:
+                raise ValueError("tool_choice: the tool specified in `tool_choice` does not match any of the "
+                                 "specified `tools`")
+            if _constraint_count(self.structured_outputs):
+                raise ValueError("structured_outputs: you can only either use constraints for structured outputs "
+                                 "or tools, not both")
+        if _constraint_count(self.structured_outputs) > 1:
+            # completions names the field in this error and chat does not: one message for both paths
+            raise ValueError("structured_outputs: you can only use one kind of constraint ('json', 'regex' or "
+                             "'choice')")
         if self.top_logprobs not in (None, 0) and not self.logprobs:
             raise ValueError("top_logprobs: when using `top_logprobs`, `logprobs` must be set to true")
         return self

@@ -33,6 +33,7 @@ from proxy.policy import ActivePolicy
 from proxy.prompts import Prompt, PromptError
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, error_response, validation_message
 from proxy.speculative import HoldLimits, Speculation
+from proxy.tool_calls import ForcedToolCalls, tool_choice_refusal
 from proxy.state import ProxyState
 from proxy.translate import ChatStreamTranslator, chat_request_as_completion, completion_as_chat
 from vllm_client import BackendUnavailable, UpstreamResponse, sse
@@ -85,6 +86,7 @@ class Serving:
             parsed = parse(raw, self.request_model)
             if parsed.model != state.served_model_name:  # the proxy serves exactly one model
                 raise RequestRefused(404, f"The model `{parsed.model}` does not exist.", "unknown_model", "model")
+            await self.check_supported(parsed)  # before the gate: a refusal must not depend on the verdict
             # The prompt(s) as the model will see them, refused before any classifying if they cannot fit.
             prompts = await run_in_threadpool(self.prompts, parsed)
             context = await check_context(state, prompts)
@@ -136,6 +138,9 @@ class Serving:
             return await relay(response, answer_headers)
         return await adapted(response, adapter, bool(parsed.stream), answer_headers)
 
+    async def check_supported(self, parsed: Any) -> None:
+        """RequestRefused for what the request asks that the backend or the flagged path cannot give."""
+
     def prompts(self, parsed: Any) -> list[Prompt]:
         raise NotImplementedError
 
@@ -173,20 +178,32 @@ class ChatServing(Serving):
     path = "/v1/chat/completions"
     request_model = ChatCompletionRequest
 
+    async def check_supported(self, parsed: ChatCompletionRequest) -> None:
+        if not parsed.tools or parsed.tool_choice == "none":
+            return
+        refusal = tool_choice_refusal(parsed, await self.state.backend_tool_calls())
+        if refusal is not None:
+            message, param = refusal
+            raise RequestRefused(400, message, "tool_choice", param)
+
     def prompts(self, parsed: ChatCompletionRequest) -> list[Prompt]:
         return refuse_prompt_errors(lambda: [self.state.builder.chat_prompt(parsed)])
 
     def flagged_request(self, parsed: ChatCompletionRequest, prompts: list[Prompt], context: int) -> FlaggedRequest:
-        """A flagged chat goes to /v1/completions, rendered; its answer comes back in chat shape."""
+        """A flagged chat goes to /v1/completions, rendered; its answer comes back in chat shape (a forced
+        tool call held to its schema there and read back into `tool_calls`)."""
         [prompt] = prompts
         prompt_ids = prompt.token_ids if parsed.return_token_ids else None
         prompt_text = prompt.text if parsed.return_prompt_text else None
         echo = _echo_prefix(parsed)
         options = parsed.stream_options
+        forced = ForcedToolCalls.of(parsed)  # its schema errors were refused in check_supported
         translator = ChatStreamTranslator(echo, prompt_ids, prompt_text,
-                                          bool(options and options.continuous_usage_stats))
-        return FlaggedRequest(chat_request_as_completion(parsed, len(prompt.token_ids), context),
-                              ResponseAdapter(lambda body: completion_as_chat(body, echo, prompt_ids, prompt_text),
+                                          bool(options and options.continuous_usage_stats), forced,
+                                          bool(parsed.return_token_ids))
+        return FlaggedRequest(chat_request_as_completion(parsed, len(prompt.token_ids), context, forced),
+                              ResponseAdapter(lambda body: completion_as_chat(body, echo, prompt_ids, prompt_text,
+                                                                              forced),
                                               translator.translate))
 
 

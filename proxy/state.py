@@ -13,6 +13,7 @@ from proxy.guard import Guard
 from proxy.observability import AuditLog, Metrics
 from proxy.policy import ActivePolicy, PolicyError, load_policy
 from proxy.prompts import PromptBuilder
+from proxy.tool_calls import BackendToolCalls, probe
 from vllm_client import AsyncVllmClient, BackendRefused, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ProxyState:
     # reload and after the backend was seen down; None: no check configured (in-process tests).
     embedding_checker: EmbeddingCheck | None = None
     embedding_check: EmbeddingCheckResult | None = None
+    tool_calls: BackendToolCalls | None = None  # what the backend does with tool choices; asked when first needed
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _check_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -53,7 +55,9 @@ class ProxyState:
         self.metrics.embedding_check.set(result.gauge_value)
 
     def backend_lost(self) -> None:
-        """A restarted backend may be another vLLM: check it again before trusting it with embeddings."""
+        """A restarted backend may be another vLLM: check it again before trusting it with embeddings, and
+        ask it again what it does with tool choices."""
+        self.tool_calls = None
         check = self.embedding_check
         if check is not None and check.status == "passed":
             self.record_embedding_check(EmbeddingCheckResult.pending(
@@ -87,6 +91,12 @@ class ProxyState:
             except BackendRefused:
                 raise BackendUnavailable("the model backend does not report a context length") from None
         return self.max_model_len
+
+    async def backend_tool_calls(self) -> BackendToolCalls:
+        if self.tool_calls is None:
+            self.tool_calls = await probe(self.upstream, self.served_model_name)
+            log.info("the backend's tool calling: %s", self.tool_calls)
+        return self.tool_calls
 
     async def body_limit(self) -> int:
         if self.max_body_bytes is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.protocol import ChatCompletionRequest
+from proxy.tool_calls import ForcedToolCalls, ToolCallStream
 
 # Chat parameters with no completions counterpart (spent on the prompt or on the chat shape), and the
 # chat names of the output limit and log-probabilities, which completions spells otherwise.
@@ -19,10 +20,15 @@ _CHAT_ONLY_FIELDS = {
 }
 
 
-def chat_request_as_completion(request: ChatCompletionRequest, prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
+def chat_request_as_completion(request: ChatCompletionRequest, prompt_tokens: int, max_model_len: int,
+                               forced: ForcedToolCalls | None = None) -> dict[str, Any]:
     """The completions body for a flagged chat request, all but its `prompt_embeds`: its forwarded
-    parameters only, as parsed (never the client's raw JSON)."""
+    parameters only, as parsed (never the client's raw JSON). A forced tool call holds the output to its
+    schema instead of any format the request asked for, as vLLM's chat endpoint does."""
     body = {k: v for k, v in request.upstream_fields(include_classified=False).items() if k not in _CHAT_ONLY_FIELDS}
+    if forced is not None:
+        body.pop("response_format", None)
+        body["structured_outputs"] = {"json": forced.schema}
     limit = request.output_limit
     # Chat's default is "up to the context length"; completions' would be 16 tokens.
     body["max_tokens"] = limit if limit is not None else max(max_model_len - prompt_tokens, 1)
@@ -53,27 +59,32 @@ def _chat_logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def completion_as_chat(completion: dict[str, Any], echo_prefix: str = "", prompt_token_ids: list[int] | None = None,
-                       prompt_text: str | None = None) -> dict[str, Any]:
-    choices = [
-        {
+                       prompt_text: str | None = None, forced: ForcedToolCalls | None = None) -> dict[str, Any]:
+    choices = []
+    for choice in completion["choices"]:
+        # A forced call's output is its arguments, never content; the message has `tool_calls` only when
+        # there are some (vLLM leaves an empty list out).
+        calls = forced.calls(choice["text"]) if forced is not None else []
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": echo_prefix + ("" if forced is not None else choice["text"]),
+            "refusal": None,
+            "annotations": None,
+            "audio": None,
+            "function_call": None,
+            **({"tool_calls": calls} if calls else {}),
+            "reasoning": None,
+        }
+        finish = choice.get("finish_reason")
+        choices.append({
             "index": choice["index"],
-            "message": {
-                "role": "assistant",
-                "content": echo_prefix + choice["text"],
-                "refusal": None,
-                "annotations": None,
-                "audio": None,
-                "function_call": None,
-                "reasoning": None,
-            },
+            "message": message,
             "logprobs": _chat_logprobs(choice.get("logprobs")),
-            "finish_reason": choice.get("finish_reason"),
+            "finish_reason": forced.finish_reason(finish, called=True) if forced is not None else finish,
             "stop_reason": choice.get("stop_reason"),
             "token_ids": choice.get("token_ids"),
             "routed_experts": choice.get("routed_experts"),
-        }
-        for choice in completion["choices"]
-    ]
+        })
     return {
         "id": chat_id(completion["id"]),
         "object": "chat.completion",
@@ -95,15 +106,21 @@ def completion_as_chat(completion: dict[str, Any], echo_prefix: str = "", prompt
 class ChatStreamTranslator:
     """Turns `text_completion` stream events into `chat.completion.chunk` events, as vLLM's chat
     endpoint writes them: a role chunk first (carrying the prompt's token ids and text when asked
-    for, and zero usage when usage is reported on every chunk), then one chunk per event."""
+    for, and zero usage when usage is reported on every chunk), then one chunk per event. With a
+    forced tool call an event's text becomes tool-call deltas, and an event that adds none is left
+    out unless it ends the choice or carries log-probabilities or token ids."""
 
     def __init__(self, echo_prefix: str = "", prompt_token_ids: list[int] | None = None,
-                 prompt_text: str | None = None, continuous_usage: bool = False):
+                 prompt_text: str | None = None, continuous_usage: bool = False,
+                 forced: ForcedToolCalls | None = None, token_ids: bool = False):
         self._started: set[int] = set()
         self._echo_prefix = echo_prefix
         self._prompt_token_ids = prompt_token_ids
         self._prompt_text = prompt_text
         self._continuous_usage = continuous_usage
+        self._forced = forced
+        self._token_ids = token_ids
+        self._calls: dict[int, ToolCallStream] = {}
 
     def translate(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         head = {"id": chat_id(event["id"]), "object": "chat.completion.chunk",
@@ -125,14 +142,33 @@ class ChatStreamTranslator:
                                      "completion_tokens": 0, "prompt_tokens_details": None}
                 out.append(role)
                 if self._echo_prefix:
-                    out.append(self._content_chunk(head, index, self._echo_prefix, {}))
-            out.append({**self._content_chunk(head, index, choice["text"], choice), **usage})
+                    out.append(self._content_chunk(head, index, {"content": self._echo_prefix}, {}, None))
+            finish = choice.get("finish_reason")
+            if self._forced is None:
+                delta: dict[str, Any] | None = {"content": choice["text"]}
+            else:
+                delta, finish = self._tool_call_delta(index, choice)
+            if delta is not None:
+                out.append({**self._content_chunk(head, index, delta, choice, finish), **usage})
         return out
 
-    @staticmethod
-    def _content_chunk(head: dict[str, Any], index: int, text: str, choice: dict[str, Any]) -> dict[str, Any]:
+    def _tool_call_delta(self, index: int, choice: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """The delta for this event (None: no chunk) and its finish reason."""
+        assert self._forced is not None
+        if index not in self._calls:
+            self._calls[index] = self._forced.stream()
+        calls = self._calls[index]
+        deltas = calls.feed(choice["text"])
         finish = choice.get("finish_reason")
-        entry: dict[str, Any] = {"index": index, "delta": {"content": text},
+        if deltas is None and finish is None and not choice.get("logprobs") and not self._token_ids:
+            return None, None
+        finish = None if finish is None else self._forced.finish_reason(finish, calls.called)
+        return ({"tool_calls": deltas} if deltas else {}), finish
+
+    @staticmethod
+    def _content_chunk(head: dict[str, Any], index: int, delta: dict[str, Any], choice: dict[str, Any],
+                       finish: str | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {"index": index, "delta": delta,
                                  "logprobs": _chat_logprobs(choice.get("logprobs")), "finish_reason": finish}
         if finish is not None:
             entry["stop_reason"] = choice.get("stop_reason")

@@ -83,3 +83,22 @@ def tiny_llama_backend(backend: Backend, tmp_path_factory: pytest.TempPathFactor
                         max_model_len=1024, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     with server:
         yield Backend(server.url, model_dir, "tiny-llama", server)
+
+
+@pytest.fixture(scope="session")
+def tool_parser_backend(backend: Backend, tmp_path_factory: pytest.TempPathFactory):
+    """A vLLM whose tool-call parser (pythonic) reads forced calls as JSON, started without JSON whitespace so
+    that a forced call's output is fixed by its schema; or an already running one named by
+    ECO_TEST_TOOL_BACKEND_URL (same model, started with the same arguments)."""
+    external = os.environ.get("ECO_TEST_TOOL_BACKEND_URL")
+    if external:
+        yield Backend(external, backend.model_dir, DEFAULT_MODEL_NAME)
+        return
+    server = VllmServer(backend.model_dir, DEFAULT_MODEL_NAME, log_path=tmp_path_factory.mktemp("vllm") / "tools.log",
+                        extra_args=TOOL_PARSER_ARGS, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    with server:
+        yield Backend(server.url, backend.model_dir, DEFAULT_MODEL_NAME, server)
+
+
+TOOL_PARSER_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic",
+                    "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']

@@ -64,6 +64,7 @@ class RecordingUpstream(httpx.AsyncBaseTransport):
     raw_unreachable: bool = False
     slow_corrupted: bool = False  # the delays and extra events apply to corrupted requests too
     body_chunk: int | None = None  # a whole (non-streaming) body comes in pieces of this many bytes
+    tool_parser: bool = False  # vLLM runs a tool-call parser that reads forced calls as JSON; else it refuses them
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -79,6 +80,9 @@ class RecordingUpstream(httpx.AsyncBaseTransport):
         if raw and self.raw_unreachable:
             raise httpx.ConnectError("stub: unreachable")
         chat = path.endswith("/chat/completions")
+        if chat and _asks_tool_calls(body) and not self.tool_parser:
+            return _json_response(400, {"error": {"message": "tool_choice requires --tool-call-parser to be set",
+                                                  "type": "BadRequestError", "param": None, "code": 400}}, call)
         if raw and self.raw_status is not None:
             return _json_response(self.raw_status, {"error": {"message": "stub refused the raw request",
                                                              "type": "BadRequestError", "param": None,
@@ -134,22 +138,51 @@ def _prompt_ids(request: dict[str, Any]) -> list[int] | None:
     return [0, 0, 0] if "prompt_embeds" in request else [2, 100, 200]
 
 
+def _asks_tool_calls(request: dict[str, Any]) -> bool:
+    return bool(request.get("tools")) and request.get("tool_choice", "auto") not in ("none", None)
+
+
 def _text(request: dict[str, Any]) -> str:
-    """The answer's words tell which request it answers: the raw one, or the corrupted one."""
+    """The answer's words tell which request it answers: the raw one, or the corrupted one. Held to a JSON
+    schema, it is the smallest answer of a tool call (of the first tool, for "required")."""
+    schema = (request.get("structured_outputs") or {}).get("json")
+    if schema is not None:
+        if schema.get("type") == "array":
+            name = schema["items"]["anyOf"][0]["properties"]["name"]["enum"][0]
+            return json.dumps([{"name": name, "parameters": {}}])
+        return "{}"
     return " embed" if "prompt_embeds" in request else " stub"
+
+
+def _finish(request: dict[str, Any]) -> str:
+    """A schema-held answer ends when its JSON does; any other runs to its length."""
+    return "stop" if (request.get("structured_outputs") or {}).get("json") is not None else "length"
+
+
+def _stub_tool_calls(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat answer's forced call, as vLLM with a JSON tool-call parser gives it."""
+    choice = request.get("tool_choice")
+    name = choice["function"]["name"] if isinstance(choice, dict) else request["tools"][0]["function"]["name"]
+    return [{"id": "chatcmpl-tool-0123456789abcdef", "type": "function",
+             "function": {"name": name, "arguments": "{}"}}]
 
 
 def _answer(request: dict[str, Any], chat: bool) -> dict[str, Any]:
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": _text(request)}
+        finish = "length"
+        if _asks_tool_calls(request):
+            message = {"role": "assistant", "content": "", "tool_calls": _stub_tool_calls(request)}
+            finish = "stop" if isinstance(request.get("tool_choice"), dict) else "tool_calls"
         return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": STUB_MODEL,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": _text(request)},
-                             "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None}],
+                "choices": [{"index": 0, "message": message,
+                             "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None}],
                 "usage": usage, "prompt_token_ids": _prompt_ids(request)}
     prompts = request.get("prompt_embeds")
     count = len(prompts) if isinstance(prompts, list) else 1
     return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": STUB_MODEL,
-            "choices": [{"index": i, "text": _text(request), "logprobs": None, "finish_reason": "length",
+            "choices": [{"index": i, "text": _text(request), "logprobs": None, "finish_reason": _finish(request),
                          "stop_reason": None, "prompt_token_ids": _prompt_ids(request), "token_ids": None}
                         for i in range(count * (request.get("n") or 1))],
             "usage": usage}
@@ -162,14 +195,20 @@ def _stream_events(request: dict[str, Any], chat: bool, extra: int = 0) -> list[
     continuous = (request.get("stream_options") or {}).get("continuous_usage_stats")
     text = _text(request)
     middle = [" and"] * extra
-    if chat:
+    if chat and _asks_tool_calls(request):
+        [call] = _stub_tool_calls(request)
+        choices = [{"index": 0, "delta": {"role": "assistant", "content": ""}},
+                   {"index": 0, "delta": {"tool_calls": [{**call, "index": 0}]}},
+                   {"index": 0, "delta": {}, "finish_reason": "stop" if isinstance(request.get("tool_choice"), dict)
+                    else "tool_calls"}]
+    elif chat:
         choices = [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
         choices += [{"index": 0, "delta": {"content": word}} for word in middle]
         choices += [{"index": 0, "delta": {"content": text}, "finish_reason": "length"}]
     else:
         choices = [{"index": 0, "text": text[:3], "finish_reason": None, "prompt_token_ids": _prompt_ids(request)}]
         choices += [{"index": 0, "text": word, "finish_reason": None} for word in middle]
-        choices += [{"index": 0, "text": text[3:], "finish_reason": "length"}]
+        choices += [{"index": 0, "text": text[3:], "finish_reason": _finish(request)}]
     events = [{**head, "choices": [choice], **({"usage": usage} if continuous else {})} for choice in choices]
     if (request.get("stream_options") or {}).get("include_usage"):
         events.append({**head, "choices": [], "usage": usage})

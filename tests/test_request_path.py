@@ -9,6 +9,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from inprocess import FLAGGED, PLAIN, STUB_MODEL, KeywordGate, RecordingUpstream, build_app
+from proxy.protocol import ChatCompletionRequest
+from proxy.tool_calls import ForcedToolCalls
 
 pytestmark = pytest.mark.unit
 
@@ -165,14 +167,90 @@ def test_continuous_usage_reaches_a_flagged_chat_stream(client):
     assert all("usage" in event for event in events), events
 
 
-def test_tool_calling_is_refused_alike_on_both_paths(client):
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    answers = [client.post("/v1/chat/completions", json=_chat(content, tools=tools, tool_choice="required"))
-               for content in (PLAIN, FLAGGED)]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "g"}}]
+NAMED = {"type": "function", "function": {"name": "g"}}
+
+
+def _events(response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")]
+
+
+def _generation_calls(upstream) -> list:
+    """What was sent to generate an answer: the backend's tool-calling probe aside."""
+    return [call for call in upstream.calls if call.body.get("max_tokens") != 1]
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", NAMED, ...])
+def test_without_a_tool_parser_tool_choices_get_vllms_refusal_on_both_paths(client, upstream, choice):
+    extra = {"tools": TOOLS} | ({} if choice is ... else {"tool_choice": choice})
+    answers = [client.post("/v1/chat/completions", json=_chat(content, **extra)) for content in (PLAIN, FLAGGED)]
     assert [a.status_code for a in answers] == [400, 400]
-    assert _error(answers[0]) == _error(answers[1])
-    rendered = client.post("/v1/chat/completions", json=_chat(PLAIN, tools=tools, tool_choice="none"))
+    assert _error(answers[0]) == _error(answers[1]) and "--tool-call-parser" in _error(answers[0])["message"]
+    assert _generation_calls(upstream) == []
+    assert len(upstream.calls) == 1  # the backend was asked once what it does, then remembered
+    rendered = client.post("/v1/chat/completions", json=_chat(PLAIN, tools=TOOLS, tool_choice="none"))
     assert rendered.status_code == 200
+
+
+@pytest.fixture(params=["speculative", "sequential"])
+def parser_client(model_dir, request):
+    upstream = RecordingUpstream(tool_parser=True)
+    return TestClient(build_app(model_dir, upstream, dispatch=request.param), raise_server_exceptions=False), upstream
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", NAMED])
+def test_a_forced_tool_call_comes_back_alike_flagged_and_unflagged(parser_client, choice, stream):
+    client, upstream = parser_client
+    body = {"tools": TOOLS, "tool_choice": choice, "response_format": {"type": "json_object"}, "stream": stream}
+    plain, flagged = (client.post("/v1/chat/completions", json=_chat(c, **body)) for c in (PLAIN, FLAGGED))
+    assert [plain.headers["x-eco-flagged"], flagged.headers["x-eco-flagged"]] == ["false", "true"]
+    [(path, sent)] = _corrupted(upstream)
+    # held to the schema vLLM's chat endpoint would use; the tools' format replaces the requested one
+    assert path == "/v1/completions" and "response_format" not in sent and "tools" not in sent
+    forced = ForcedToolCalls.of(ChatCompletionRequest.model_validate(_chat(FLAGGED, **body)))
+    assert sent["structured_outputs"] == {"json": forced.schema}
+    name = "g" if choice == NAMED else "f"
+    finish = "stop" if choice == NAMED else "tool_calls"
+    if not stream:
+        answers = [a.json()["choices"][0] for a in (plain, flagged)]
+        for answer in answers:
+            [call] = answer["message"]["tool_calls"]
+            assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
+            assert call["function"]["name"] == name and json.loads(call["function"]["arguments"]) == {}
+            assert answer["message"]["content"] == "" and answer["finish_reason"] == finish
+    else:
+        for answer in (plain, flagged):
+            events = _events(answer)
+            deltas = [c["delta"] for e in events for c in e["choices"]]
+            assert deltas[0] == {"role": "assistant", "content": ""}
+            calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+            assert calls[0]["function"]["name"] == name and calls[0]["type"] == "function" and calls[0]["index"] == 0
+            assert json.loads("".join(tc["function"]["arguments"] for tc in calls)) == {}
+            assert not any(d.get("content") for d in deltas)
+            assert events[-1]["choices"][0]["finish_reason"] == finish
+
+
+def test_auto_is_refused_alike_when_the_backend_parses_tool_calls(parser_client):
+    client, upstream = parser_client
+    answers = [client.post("/v1/chat/completions", json=_chat(content, tools=TOOLS)) for content in (PLAIN, FLAGGED)]
+    assert [a.status_code for a in answers] == [400, 400] and _error(answers[0]) == _error(answers[1])
+    assert _error(answers[0])["param"] == "tool_choice" and _generation_calls(upstream) == []
+
+
+@pytest.mark.parametrize("body", [
+    _chat(FLAGGED, tools=[]), _chat(FLAGGED, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "h"}}),
+    _chat(FLAGGED, tools=TOOLS, tool_choice="sometimes"), _chat(FLAGGED, tools=[{"type": "function", "function": {}}]),
+    _chat(FLAGGED, tools=TOOLS, tool_choice=NAMED, structured_outputs={"json": {"type": "object"}}),
+    _chat(FLAGGED, structured_outputs={"json": {"type": "object"}, "regex": "a+"}),
+    _chat(FLAGGED, structured_outputs="x"),
+])
+def test_tool_and_format_requests_vllm_refuses_are_refused_on_both_paths(client, upstream, body):
+    answers = [client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": c}]})
+               for c in (PLAIN, FLAGGED)]
+    assert [a.status_code for a in answers] == [400, 400] and _error(answers[0]) == _error(answers[1])
+    assert upstream.calls == []
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.protocol import ChatCompletionRequest
+from proxy.tool_calls import ForcedToolCalls
 from proxy.translate import ChatStreamTranslator, chat_request_as_completion, completion_as_chat
 
 pytestmark = pytest.mark.unit
@@ -70,3 +71,39 @@ def test_echo_prefix_comes_first():
     out = translator.translate({"id": "cmpl-s", "created": 1, "model": "m",
                                 "choices": [{"index": 0, "text": " Hi", "finish_reason": None}]})
     assert [c["choices"][0]["delta"].get("content") for c in out] == ["", "Sure:", " Hi"]
+
+
+def _forced(tool_choice) -> ForcedToolCalls:
+    return ForcedToolCalls.of(ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": tool_choice,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}))
+
+
+def test_a_forced_call_is_a_tool_call_not_content():
+    completion = {**COMPLETION, "choices": [{"index": 0, "text": '[{"name": "f", "parameters": {"a": 1}}]',
+                                             "finish_reason": "stop", "stop_reason": None}]}
+    message = completion_as_chat(completion, forced=_forced("required"))["choices"][0]["message"]
+    assert list(message) == ["role", "content", "refusal", "annotations", "audio", "function_call", "tool_calls",
+                             "reasoning"]  # vLLM's order
+    assert message["content"] == "" and message["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a": 1}'}
+    assert completion_as_chat(completion, forced=_forced("required"))["choices"][0]["finish_reason"] == "tool_calls"
+    cut = {**COMPLETION, "choices": [{"index": 0, "text": '[{"name": "f", "param', "finish_reason": "length"}]}
+    message = completion_as_chat(cut, forced=_forced("required"))["choices"][0]["message"]
+    assert "tool_calls" not in message and message["content"] == ""  # no call: the key is left out, as vLLM does
+
+
+@pytest.mark.parametrize("token_ids", [False, True])
+def test_stream_events_without_a_new_call_part_are_left_out_unless_they_carry_ids(token_ids):
+    translator = ChatStreamTranslator(forced=_forced("required"), token_ids=token_ids)
+    head = {"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "m"}
+    texts = ['[{"na', 'me": "f", "parameters": {', '"a": 1}}', "]"]
+    out = []
+    for number, text in enumerate(texts):
+        finish = "stop" if number == len(texts) - 1 else None
+        out += translator.translate({**head, "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                                                          "token_ids": [number] if token_ids else None}]})
+    deltas = [c["choices"][0]["delta"] for c in out[1:]]
+    calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert calls[0][0]["function"] == {"name": "f", "arguments": "{"} and calls[1][0]["function"]["arguments"] == '"a": 1}'
+    assert len(deltas) == (4 if token_ids else 3)  # the first event showed no call yet
+    assert out[-1]["choices"][0]["finish_reason"] == "tool_calls" and deltas[-1] == {}
