@@ -188,6 +188,11 @@ def _drop_inner_punctuation(text: str) -> str:
 
 def variants(text: str, limit: int = 6) -> list[str]:
     """`canonical(text)` first, then the distinct readings of it that undo obfuscation (at most `limit`)."""
+    return list(_variants(text, limit))
+
+
+@lru_cache(maxsize=64)  # the gate reads a prompt twice: its vocabulary stage, then its encoder's pieces
+def _variants(text: str, limit: int) -> tuple[str, ...]:
     base = canonical(text)
     joined = _drop_inner_punctuation(_join_spacing(base))
     base_unleet = _unleet(base)
@@ -200,4 +205,4 @@ def variants(text: str, limit: int = 6) -> list[str]:
     for candidate in candidates:
         if candidate not in unique:
             unique.append(candidate)
-    return unique[:limit]
+    return tuple(unique[:limit])
