@@ -166,8 +166,10 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
         time.sleep(2.0)
     assert gate.verdict_at is not None
     started, verdict, left = seen["started"], gate.verdict_at, seen["left_at"]
-    assert sampler.least(started + 0.5, verdict - 0.1) >= 1  # the speculative one, generating
-    assert sampler.generated(started + 0.5, verdict) > 5
+    # The speculative one was generating up to the verdict. (Its first step may come late on a loaded
+    # machine, so the gauge is read over the last half second before the verdict only.)
+    assert sampler.least(verdict - 0.6, verdict - 0.1) >= 1, sampler.samples
+    assert sampler.generated(started, verdict) > 5
     # From a second after the verdict the corrupted one runs alone: the speculative one stopped (were it
     # still running, two would run all along).
     assert sampler.least(verdict + 1.0, left - 0.1) == 1, sampler.samples
@@ -189,16 +191,16 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
 @pytest.mark.parametrize("prompt", [UNFLAGGED_PROMPT, FLAGGED_PROMPT])
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_leaving_before_the_verdict_stops_the_speculative_request(backend, stream, prompt):
-    gate = SlowGate(3.0)
+    gate = SlowGate(4.0)
     app = build_app(backend.model_dir, backend.url, gate=gate)
     wait_idle(backend.url)
     with Served(app) as url, Sampler(backend.url) as sampler:
-        seen = _request(url, prompt, stream, leave_after=1.0)  # no answer can begin before the verdict
+        seen = _request(url, prompt, stream, leave_after=2.0)  # no answer can begin before the verdict
         time.sleep(4.0)
     left = seen["left_at"]
     assert seen.get("timed_out") and seen["first_byte_at"] is None
-    assert sampler.least(seen["started"] + 0.3, left - 0.1) >= 1  # it was generating
-    assert sampler.generated(seen["started"] + 0.3, left) > 3
+    assert sampler.least(left - 0.6, left - 0.1) >= 1, sampler.samples  # it was generating when the client left
+    assert sampler.generated(seen["started"], left) > 3
     assert sampler.least(left + 1.0, left + 5.0) == 0, sampler.samples  # stopped; nothing sent after the verdict
     if sampler.quiet(left + 1.0, left + 5.0):
         assert sampler.generated(left + 1.0, left + 5.0) == 0
