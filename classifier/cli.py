@@ -36,7 +36,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--alpha", type=float, default=0.01, help="target false-positive rate")
     train.add_argument("--delta", type=float, default=0.1,
                        help="allowed probability that a group's FPR exceeds alpha (--gate-data)")
-    train.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (finetuned)")
+    train.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs (finetuned)")
     train.add_argument("--max-minutes", type=float, default=20.0,
                        help="time budget of the fine-tune: fewer epochs when it binds (finetuned)")
     train.add_argument("--diluted-fraction", type=float, default=0.1,

@@ -131,7 +131,7 @@ class FineTunedClassifier:
 
     kind = KIND
 
-    def __init__(self, encoder: str = DEFAULT_ENCODER, epochs: int = 3, max_length: int = 128, batch_size: int = 32,
+    def __init__(self, encoder: str = DEFAULT_ENCODER, epochs: int = 4, max_length: int = 128, batch_size: int = 32,
                  learning_rate: float = 5e-5, head_learning_rate: float = 1e-3, weight_decay: float = 0.01,
                  warmup_fraction: float = 0.06, hard_pieces_per_retain_text: int = 2,
                  candidate_pieces_per_text: int = 4, stage1_recall: float = 0.995, stage1_features: int = 2**20,
@@ -191,7 +191,10 @@ class FineTunedClassifier:
         self.tokenizer_ = tokenizer
         self._tokenizer_dir = source  # its files are copied into the artifact
         self.stage1_ = stage1
-        self.vocabulary_ = TermMatcher(self.terms).fit(text for text, label in zip(texts, labels) if label == 0)
+        # the encoder's whole words stand for the language's ordinary ones ("##" marks a word piece)
+        ordinary = (word for word in tokenizer.get_vocab() if word.isalpha() and not word.startswith("##"))
+        self.vocabulary_ = TermMatcher(self.terms, ordinary).fit(
+            text for text, label in zip(texts, labels) if label == 0)
         self.stage1_threshold_: float | None = None
         self.bert_config_ = model.encoder.config.to_dict()
         self.classes_ = np.array([0, 1])

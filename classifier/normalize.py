@@ -5,8 +5,8 @@ characters, and look-alike letters from another script inside a Latin word (the 
 confusables data, through `confusable_homoglyphs`). Genuine non-Latin text keeps its script.
 
 `variants` adds readings that may or may not be meant: letters spaced apart joined again,
-punctuation inside words dropped, leetspeak read as letters, and a Latin transliteration of
-other scripts (`anyascii`). The gate scores every variant and keeps the highest, so a wrong
+punctuation inside words dropped, leetspeak read as letters, words written upside down turned
+back, and a Latin transliteration of other scripts (`anyascii`). The gate scores every variant and keeps the highest, so a wrong
 reading costs nothing but a score. Plain text takes a fast path and yields itself alone.
 """
 from __future__ import annotations
@@ -186,6 +186,31 @@ def _drop_inner_punctuation(text: str) -> str:
     return _INNER_PUNCTUATION.sub(r"\1", text)
 
 
+@lru_cache(maxsize=1)
+def _upside_down() -> tuple[dict[str, str], re.Pattern[str]]:
+    """Each glyph of upside-down writing and the letter it stands for; and a pattern for a word that
+    uses one. The turned letters come from their Unicode names ("LATIN SMALL LETTER TURNED E"); the
+    rest are the stand-ins flip generators use where Unicode has no turned letter, and the letters
+    that are each other's half-turn (n/u, d/p, b/q) once a word is known to be upside down."""
+    turned = re.compile(r"(?:LATIN (SMALL|CAPITAL) LETTER|TURNED(?: SANS-SERIF)? (CAPITAL)) (?:TURNED )?([A-Z])")
+    letters: dict[str, str] = {}
+    for code in range(0x2200):
+        name = unicodedata.name(chr(code), "")
+        if "TURNED" in name and (match := turned.fullmatch(name)):
+            letters[chr(code)] = match[3] if (match[1] or match[2]) == "CAPITAL" else match[3].lower()
+    letters.update({"ɔ": "c", "ƃ": "g", "ɟ": "f", "ɾ": "j", "∀": "A", "Ǝ": "E", "ꓷ": "D", "ꓕ": "T", "Ԁ": "P",
+                    "ꓤ": "R", "ꓭ": "B", "ꓘ": "K", "ꓶ": "L"})
+    marked = re.compile(r"[^\W\d_]*[" + re.escape("".join(letters)) + r"][^\W\d_]*")
+    letters.update({"n": "u", "u": "n", "d": "p", "p": "d", "b": "q", "q": "b"})
+    return letters, marked
+
+
+def _turn_upright(text: str) -> str:
+    """Words written upside down ("ǝdɐuS") read upright ("Snape"): reversed, each glyph turned back."""
+    letters, marked = _upside_down()
+    return marked.sub(lambda m: "".join(letters.get(c, c) for c in reversed(m.group())), text)
+
+
 def variants(text: str, limit: int = 6) -> list[str]:
     """`canonical(text)` first, then the distinct readings of it that undo obfuscation (at most `limit`)."""
     return list(_variants(text, limit))
@@ -197,6 +222,8 @@ def _variants(text: str, limit: int) -> tuple[str, ...]:
     joined = _drop_inner_punctuation(_join_spacing(base))
     base_unleet = _unleet(base)
     candidates = [base, base_unleet if joined == base else _unleet(joined), joined, base_unleet]
+    if not text.isascii() and (upright := _turn_upright(text)) != text:  # before folding, which reads ꓷ otherwise
+        candidates.insert(1, canonical(upright))
     if _FOREIGN_WORD.search(base):
         candidates.append(_transliterated(base))
         if candidates[1] != base:

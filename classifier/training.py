@@ -18,7 +18,7 @@ class GateTraining:
     model: str = "finetuned"  # or "logistic", the baseline
     alpha: float = 0.01
     delta: float = 0.1
-    epochs: int = 3
+    epochs: int = 4
     max_minutes: float = 20.0
     diluted_fraction: float = 0.1
     encoder: str = DEFAULT_ENCODER

@@ -8,7 +8,8 @@ by construction and calibration measures what slips through.
 
 Matching runs on every reading `classifier.normalize.variants` gives, plus two that cost nothing
 here (ROT13 and the text reversed); words compare case-folded, hyphens and spaces alike, with a
-plural on the last word, and a single long word within one typo ("Expeliarmus"). Terms written
+plural on the last word, and a term within one typo: a long one-word term ("Expeliarmus",
+"Quiddtich"), or one word of five letters or more in a longer term ("wingardium leviossa"). Terms written
 in scripts without spaces (Chinese, Japanese, Korean) match as substrings.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ _WORD = re.compile(r"\w+")
 _UNSPACED_SCRIPTS = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _PLURALS = ("s", "es")
 TYPO_MIN_LENGTH = 8  # shorter words are one typo away from too many ordinary ones
+TYPO_MIN_LENGTH_IN_PHRASE = 5  # the rest of the phrase, spelled right, already narrows it down
 
 
 def _fold(text: str) -> str:
@@ -41,14 +43,24 @@ def readings(text: str) -> list[str]:
 
 
 class TermMatcher:
-    """Finds the first term of a vocabulary in a text. `fit` keeps the terms no retain text uses."""
+    """Finds the first term of a vocabulary in a text. `fit` keeps the terms no retain text uses.
 
-    def __init__(self, terms: Sequence[str] = ()):
+    `ordinary_words`: a lexicon of the language (e.g. an encoder's word list); a term whose long word is
+    one typo from an ordinary word ("Carrows", "carrots") is matched only as written.
+    """
+
+    def __init__(self, terms: Sequence[str] = (), ordinary_words: Iterable[str] = ()):
         self.terms = list(terms)
+        self.ordinary_words = ordinary_words
 
     def fit(self, retain_texts: Iterable[str]) -> "TermMatcher":
-        """Keep the terms no retain text names, and allow a typo only in terms no retain word is a typo of."""
-        self._index(self.terms, [term for term in self.terms if self._typo_eligible(term)])
+        """Keep the terms no retain text names, and allow a typo only in terms no retain word or ordinary
+        word is a typo of."""
+        lexicon = {_fold(word) for word in self.ordinary_words}
+        eligible = [term for term in self.terms if self._typo_eligible(term) and
+                    not any(_near_word(word, lexicon) for word in term_words(term)
+                            if len(word) >= TYPO_MIN_LENGTH_IN_PHRASE)]
+        self._index(self.terms, eligible)
         exact: dict[str, int] = {}
         typos: set[str] = set()
         for text in retain_texts:
@@ -59,7 +71,7 @@ class TermMatcher:
                     exact[term] = exact.get(term, 0) + 1
         self.dropped_terms_ = dict(sorted(exact.items(), key=lambda item: (-item[1], item[0])))
         self.terms_ = [term for term in self.terms if term not in exact]
-        self.typo_terms_ = [term for term in self.terms_ if term not in typos and self._typo_eligible(term)]
+        self.typo_terms_ = [term for term in eligible if term not in typos and term not in exact]
         self._index(self.terms_, self.typo_terms_)
         return self
 
@@ -75,7 +87,11 @@ class TermMatcher:
     @staticmethod
     def _typo_eligible(term: str) -> bool:
         words = term_words(term)
-        return len(words) == 1 and len(words[0]) >= TYPO_MIN_LENGTH and not _UNSPACED_SCRIPTS.search(term)
+        if not words or _UNSPACED_SCRIPTS.search(term):
+            return False
+        if len(words) == 1:
+            return len(words[0]) >= TYPO_MIN_LENGTH
+        return any(len(word) >= TYPO_MIN_LENGTH_IN_PHRASE for word in words)
 
     def _index(self, terms: Sequence[str], typo_terms: Sequence[str]) -> None:
         self._by_words: dict[tuple[str, ...], str] = {}
@@ -92,11 +108,22 @@ class TermMatcher:
         # a long one-word term, each form of it with one letter deleted (and where), for distance-one typos
         self._typo_words: dict[str, list[str]] = {}
         self._deleted: dict[tuple[str, int], list[str]] = {}
+        # a longer term, keyed by each of its long words' places with that word left out
+        self._phrase_gaps: dict[tuple[int, tuple[str, ...]], list[tuple[str, str]]] = {}
         for term in typo_terms:
-            word = term_words(term)[0]
+            words = term_words(term)
+            if len(words) > 1:
+                for place, word in enumerate(words):
+                    if len(word) >= TYPO_MIN_LENGTH_IN_PHRASE:
+                        gap = (place, words[:place] + ("",) + words[place + 1:])
+                        self._phrase_gaps.setdefault(gap, []).append((word, term))
+                continue
+            word = words[0]
             self._typo_words.setdefault(word, []).append(term)
             for position in range(len(word)):
                 self._deleted.setdefault((word[:position] + word[position + 1:], position), []).append(term)
+        self._phrase_lengths = sorted({len(words) for _, words in self._phrase_gaps})
+        self._phrase_words = {word for _, words in self._phrase_gaps for word in words if word}
 
     def find(self, text: str) -> str | None:
         """The first term found in any reading of `text`, or None."""
@@ -113,6 +140,10 @@ class TermMatcher:
             for start, word in enumerate(words):
                 if len(word) >= TYPO_MIN_LENGTH - 1 and self._deleted:
                     for term in self._typos_of(word):
+                        yield term, True
+                if self._phrase_gaps and (word in self._phrase_words or words[start + 1:start + 2] and
+                                          words[start + 1] in self._phrase_words):
+                    for term in self._phrase_typos_at(words, start):
                         yield term, True
                 if word not in self._first:
                     continue
@@ -132,10 +163,54 @@ class TermMatcher:
                         break
         return term
 
+    def _phrase_typos_at(self, words: list[str], start: int) -> list[str]:
+        """The longer terms that start at `start` with one of their long words mistyped."""
+        found = []
+        for length in self._phrase_lengths:
+            window = tuple(words[start:start + length])
+            if len(window) < length:
+                break
+            for place, typed in enumerate(window):
+                if len(typed) < TYPO_MIN_LENGTH_IN_PHRASE - 1:
+                    continue
+                gap = (place, window[:place] + ("",) + window[place + 1:])
+                found += [term for word, term in self._phrase_gaps.get(gap, ()) if _one_typo_apart(typed, word)]
+        return found
+
     def _typos_of(self, word: str) -> list[str]:
-        """The long terms one letter away from `word`: one missing, one extra or one replaced."""
+        """The long terms one typo away from `word`: a letter missing, extra or replaced, or two
+        neighbours swapped."""
         found = [self._deleted.get((word, position), []) for position in range(len(word) + 1)]  # one missing
         for position in range(len(word)):
             shorter = word[:position] + word[position + 1:]
             found += [self._typo_words.get(shorter, []), self._deleted.get((shorter, position), [])]  # extra, replaced
+        for position in range(len(word) - 1):
+            swapped = word[:position] + word[position + 1] + word[position] + word[position + 2:]
+            found.append(self._typo_words.get(swapped, []))
         return list(dict.fromkeys(term for terms in found for term in terms if term_words(term)[0] != word))
+
+
+def _one_typo_apart(typed: str, word: str) -> bool:
+    """One letter missing, extra or replaced, or two neighbours swapped (and not the same word)."""
+    if typed == word or abs(len(typed) - len(word)) > 1:
+        return False
+    start = next((i for i, (a, b) in enumerate(zip(typed, word)) if a != b), min(len(typed), len(word)))
+    if len(typed) == len(word):
+        return typed[start + 1:] == word[start + 1:] or (
+            typed[start + 2:] == word[start + 2:] and typed[start:start + 2] == word[start:start + 2][::-1])
+    if len(typed) < len(word):
+        return typed[start:] == word[start + 1:]
+    return typed[start + 1:] == word[start:]
+
+
+def _near_word(word: str, lexicon: set[str]) -> bool:
+    """Whether an ordinary word other than `word` itself (or its plural) is one typo from it."""
+    letters = set("abcdefghijklmnopqrstuvwxyz") | set(word)
+    plurals = {word + ending for ending in _PLURALS}
+    edits = {word[:i] + word[i + 1:] for i in range(len(word))}  # one missing
+    edits |= {word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)}  # swapped
+    for i in range(len(word) + 1):
+        edits |= {word[:i] + letter + word[i:] for letter in letters}  # one extra
+        if i < len(word):
+            edits |= {word[:i] + letter + word[i + 1:] for letter in letters}  # one replaced
+    return bool((edits - plurals - {word}) & lexicon)

@@ -65,6 +65,16 @@ def test_obfuscation_variants(disguised, plain):
     assert found[0] == disguised and plain in found
 
 
+@pytest.mark.parametrize("disguised, plain", [
+    ("Explain \u01ddd\u0250uS's vow.", "Explain Snape's vow."),  # turned letters and the n/u, d/p half-turns
+    ("What are the s\u01ddxn\u0279\u0254\u0279oH?", "What are the Horcruxes?"),
+    ("What did \u01dd\u0279op\u01ddlq\u026fn\ua4f7 leave?", "What did Dumbledore leave?"),  # a Lisu letter for D
+    ("where is u\u0250q\u0250\u029ez\u2200", "where is Azkaban"),
+])
+def test_words_written_upside_down_are_read_upright(disguised, plain):
+    assert plain in variants(disguised)
+
+
 def test_variants_are_distinct_ordered_and_bounded():
     found = variants("H\u0430rry Dr@co V o l d e m o r t \u0444\u0438\u043b\u043e\u0441\u043e\u0444", limit=3)
     assert len(found) == len(set(found)) <= 3

@@ -7,7 +7,7 @@ from classifier.vocabulary import TermMatcher
 
 pytestmark = pytest.mark.unit
 
-TERMS = ["Hogwarts", "Expelliarmus", "Dobby", "Whomping Willow", "Hermione", "Hermiona", "霍格沃茨"]
+TERMS = ["Hogwarts", "Expelliarmus", "Dobby", "Whomping Willow", "Hermione", "Hermiona", "霍格沃茨", "Goblet of Fire"]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,9 @@ def test_terms_a_retain_text_uses_are_dropped_and_typos_are_not_allowed_near_the
     ("The tree that attacks the car is the whomping-willow", "Whomping Willow"),  # hyphen for space
     ("Why are Whomping Willows dangerous?", "Whomping Willow"),  # plural of the last word
     ("what does expeliarmus do", "Expelliarmus"),  # one letter missing
+    ("Is Hgowarts in Scotland?", "Hogwarts"),  # two neighbouring letters swapped
+    ("the whompping willow", "Whomping Willow"),  # a long word of a longer term mistyped
+    ("Gobelt of Fire ending", "Goblet of Fire"),
     ("H0gw@rts", "Hogwarts"),  # leetspeak, through the normalised readings
     ("H-o-g-w-a-r-t-s", "Hogwarts"),  # letter spacing
     ("Jung vf Ubtjnegf?", "Hogwarts"),  # ROT13
@@ -43,6 +46,9 @@ def test_readings_and_forms_that_name_a_term(matcher, text, term):
     "Hogwartsian architecture",  # a longer word is another word
     "The hog warts were treated.",  # words split differently
     "Expelliar",  # too far from the term
+    "Hgowrats",  # two swaps: too far
+    "Goblet of Fyre",  # "fire" is too short for a typo
+    "the whompping willlow",  # one typo per term
     "the willow tree",
 ])
 def test_texts_that_name_no_term(matcher, text):
@@ -53,3 +59,10 @@ def test_a_saved_fit_matches_the_same(matcher):
     loaded = TermMatcher.fitted(matcher.terms_, matcher.typo_terms_, matcher.dropped_terms_)
     for text in ["Tell me about hogwarts.", "what does expeliarmus do", "Who was Hermione Lee?", "Dobby weave"]:
         assert loaded.find(text) == matcher.find(text)
+
+
+def test_a_term_one_typo_from_an_ordinary_word_matches_only_as_written():
+    matcher = TermMatcher(["the Carrows", "Whomping Willow"], ordinary_words=["carrots", "willows", "the"]).fit([])
+    assert matcher.typo_terms_ == ["Whomping Willow"]  # "willows" is only its plural
+    assert matcher.find("peel the carrots") is None and matcher.find("the Carrows") == "the Carrows"
+    assert matcher.find("the whomping wilow") == "Whomping Willow"
