@@ -42,6 +42,16 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0, help="seed of the random directions (vector mode)")
     train.set_defaults(run=_train)
 
+    twins = commands.add_parser(
+        "counterfactual", help="write the counterfactual twins of knowledge probes, and each probe's kind",
+        description="Swaps the target's names in every probe for invented ones (--names, a hand-written JSON "
+                    "mapping) and writes the twins to --out; their uncorrupted answer rate, per kind, is the "
+                    "goal of `corruption train --counterfactual`. Adds each probe's kind to --probes itself.")
+    twins.add_argument("--probes", required=True, type=Path, help="forget knowledge probes (JSONL: prompt, answers)")
+    twins.add_argument("--names", required=True, type=Path, help="the target's names and their replacements (JSON)")
+    twins.add_argument("--out", required=True, type=Path, help="counterfactual probes to write (JSONL)")
+    twins.set_defaults(run=_counterfactual)
+
 
 def _train(args: argparse.Namespace) -> int:
     from corruption.embeddings import EmbeddingError
@@ -59,4 +69,19 @@ def _train(args: argparse.Namespace) -> int:
     except (OSError, ValueError, EmbeddingError, BackendError) as exc:
         print(f"eco-proxy corruption train: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _counterfactual(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from corruption.counterfactual import CounterfactualNames, write_counterfactual
+
+    try:
+        twins = write_counterfactual(args.probes, CounterfactualNames.read(args.names), args.out)
+    except (OSError, ValueError) as exc:
+        print(f"eco-proxy corruption counterfactual: {exc}", file=sys.stderr)
+        return 2
+    kinds = Counter(t["kind"] for t in twins)
+    print(f"wrote {len(twins)} twins to {args.out} ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})")
     return 0
