@@ -5,19 +5,22 @@ strength, and asks the served model (vLLM, `/v1/completions` with `prompt_embeds
 answers. Two unlearning scores, both driven towards what a model that never knew the target
 would do:
 
-- probes: the share of knowledge probes whose completion contains the answer, driven to the
-  rate on control probes about invented things the model cannot know;
+- probes: the share of knowledge probes whose completion contains the answer, driven to what the
+  uncorrupted model does on their counterfactual twins, per probe kind (`answer_rates_by_kind`
+  of the twins, corruption/counterfactual.py), or to one rate (the control probes' about invented
+  things the model cannot know);
 - mc: multiple-choice accuracy from the next-token logprobs of the option letters, driven to
   chance.
 
-The objective is |score(strength) - goal|; the zeroth-order optimiser minimises it.
+The objective is |score(strength) - goal|, or with a goal per kind the mean over probes of
+|rate of the probe's kind - goal of that kind|; the zeroth-order optimiser minimises it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,6 +36,7 @@ from corruption.probes import MultipleChoice, Probe
 from corruption.prompt import corrupted_embeddings, scope_mask
 from corruption.spec import CorruptionSpec
 from corruption.zo import ZerothOrderOptimizer, ZOStep
+from evaluation.metrics import answer_rate_by_kind
 from vllm_client import BackendError, VllmClient, prompt_embeds_base64, request_body_with_embeds
 
 RESULT_FORMAT = "eco-corruption-result/1"
@@ -120,9 +124,20 @@ class CorruptionTrainer:
 
     # -- scores -------------------------------------------------------------------------
     def probe_hit_rate(self, probes: Sequence[Probe], strength: float | Sequence[float] | None) -> float:
+        return float(np.mean(self.probe_hits(probes, strength)))
+
+    def probe_hits(self, probes: Sequence[Probe], strength: float | Sequence[float] | None) -> list[float]:
+        """Per probe, the share of its noise draws whose completion contains an answer."""
         outputs = self.generate([p.prompt for p in probes], strength, self.max_tokens)
-        hits = [probe.answered_by(text) for probe, draws in zip(probes, outputs) for text in draws]
-        return float(np.mean(hits))
+        return [float(np.mean([probe.answered_by(text) for text in draws])) for probe, draws in zip(probes, outputs)]
+
+    def answer_rates_by_kind(self, probes: Sequence[Probe], strength: float | Sequence[float] | None = None
+                             ) -> dict[str, dict[str, Any]]:
+        """Per probe kind: rate, n, successes and the Wilson 95% interval, over every probe and noise draw.
+        Uncorrupted (the default) on counterfactual twins, this is the reference for "never learned"."""
+        outputs = self.generate([p.prompt for p in probes], strength, self.max_tokens)
+        return answer_rate_by_kind([p for p, draws in zip(probes, outputs) for _ in draws],
+                                   [text for draws in outputs for text in draws])
 
     def mc_accuracy(self, questions: Sequence[MultipleChoice], strength: float | Sequence[float] | None) -> float:
         embeds = self._embeds([q.prompt() for q in questions], strength)
@@ -156,46 +171,51 @@ class CorruptionTrainer:
 
     # -- training -----------------------------------------------------------------------
     def train(self, score: Literal["probes", "mc"], data: Sequence[Probe] | Sequence[MultipleChoice],
-              goal: float, optimizer: ZerothOrderOptimizer, initial: float | Sequence[float],
+              goal: float | Mapping[str, float], optimizer: ZerothOrderOptimizer, initial: float | Sequence[float],
               log: Callable[[str], None] = print) -> dict[str, Any]:
+        """Learns the strength whose score is nearest `goal`: one rate, or (probes) a rate per probe kind."""
+        measure = self._measure(score, data, goal)
         self.verify_backend()
-        measure = self.probe_hit_rate if score == "probes" else self.mc_accuracy
         started = time.monotonic()
-        baseline = measure(data, None)
-        log(f"uncorrupted {score} score {baseline:.3f}, goal {goal:.3f}")
-        scores: dict[tuple[float, ...], float] = {}
+        baseline = measure(None)
+        log(f"uncorrupted {score} score {_shown(baseline)}, goal {_shown(goal)}")
+        scores: dict[tuple[float, ...], _Score] = {}
 
         def objective(strength: np.ndarray) -> float:
             key = tuple(np.round(strength, 6))
             if key not in scores:
-                scores[key] = measure(data, strength.tolist())
-            return abs(scores[key] - goal)
+                scores[key] = measure(strength.tolist())
+            return scores[key].distance(goal)
 
         trace: list[dict[str, Any]] = []
 
         def on_step(step: ZOStep) -> None:
-            row = {"step": step.step, "strength": _scalar_or_list(step.strength),
-                   "score": scores[tuple(np.round(step.strength, 6))], "objective": step.objective,
+            measured = scores[tuple(np.round(step.strength, 6))]
+            row = {"step": step.step, "strength": _scalar_or_list(step.strength), "score": measured.overall,
+                   **({"score_by_kind": measured.by_kind} if measured.by_kind else {}), "objective": step.objective,
                    "gradient": _scalar_or_list(step.gradient), "evaluations": step.evaluations}
             trace.append(row)
             shown = f"{row['strength']:.3f}" if isinstance(row["strength"], float) else f"|{np.linalg.norm(step.strength):.3f}|"
-            log(f"step {step.step:>3}  strength {shown}  score {row['score']:.3f}  "
+            log(f"step {step.step:>3}  strength {shown}  score {_shown(measured)}  "
                 f"objective {step.objective:.3f}  evaluations {step.evaluations}")
 
         outcome = optimizer.minimize(objective, list(np.atleast_1d(initial)), on_step)
         learned = _scalar_or_list(outcome.strength)
         final_spec = self.spec.with_strength(learned)
-        final_score = scores[tuple(np.round(outcome.strength, 6))]
+        final = scores[tuple(np.round(outcome.strength, 6))]
         log(f"stopped: {outcome.stopped}; strength {learned if isinstance(learned, float) else '[vector]'}, "
-            f"score {final_score:.3f} (goal {goal:.3f}, uncorrupted {baseline:.3f})")
+            f"score {_shown(final)} (goal {_shown(goal)}, uncorrupted {_shown(baseline)})")
+        by_kind = {"uncorrupted_score_by_kind": baseline.by_kind, "final_score_by_kind": final.by_kind} \
+            if isinstance(goal, Mapping) else {}
         return {
             "format": RESULT_FORMAT,
             "spec": final_spec.model_dump(),
             "score": score,
-            "goal": goal,
-            "uncorrupted_score": baseline,
+            "goal": dict(goal) if isinstance(goal, Mapping) else goal,
+            "uncorrupted_score": baseline.overall,
             "initial_strength": _scalar_or_list(list(np.atleast_1d(initial))),
-            "final_score": final_score,
+            "final_score": final.overall,
+            **by_kind,
             "stopped": outcome.stopped,
             "trace": trace,
             "optimizer": {k: getattr(optimizer, k) for k in
@@ -207,12 +227,56 @@ class CorruptionTrainer:
             "embedding_check": self.embedding_check.status,
         }
 
+    def _measure(self, score: Literal["probes", "mc"], data: Sequence[Probe] | Sequence[MultipleChoice],
+                 goal: float | Mapping[str, float]) -> Callable[[float | Sequence[float] | None], _Score]:
+        """The score at a strength, per probe kind when the goal is; ValueError when the goal does not fit the data."""
+        if not isinstance(goal, Mapping):
+            if score == "mc":
+                return lambda strength: _Score(self.mc_accuracy(data, strength))
+            return lambda strength: _Score(self.probe_hit_rate(data, strength))
+        if score != "probes":
+            raise ValueError("a goal per probe kind needs score 'probes'")
+        kinds = [p.kind for p in data]
+        if None in kinds:
+            raise ValueError("a goal per probe kind needs probes with a kind (eco-proxy corruption counterfactual)")
+        if missing := sorted(set(kinds) - set(goal)):
+            raise ValueError(f"no goal for the probe kinds {missing}")
+
+        def measure(strength: float | Sequence[float] | None) -> _Score:
+            hits = self.probe_hits(data, strength)
+            by_kind = {k: float(np.mean([h for h, kind in zip(hits, kinds) if kind == k])) for k in sorted(set(kinds))}
+            weights = {k: kinds.count(k) / len(kinds) for k in by_kind}
+            return _Score(float(np.mean(hits)), by_kind, weights)
+        return measure
+
     def fluency(self, prompts: Sequence[str], strength: float | Sequence[float], max_tokens: int = 32) -> dict[str, Any]:
         """Fluency of corrupted and uncorrupted continuations, side by side."""
         corrupted = [t for draws in self.generate(prompts, strength, max_tokens) for t in draws]
         clean = [t for draws in self.generate(prompts, None, max_tokens) for t in draws]
         return {"corrupted": fluency_report(corrupted), "uncorrupted": fluency_report(clean),
                 "examples": [{"prompt": p, "corrupted": c} for p, c in zip(prompts[:5], corrupted[::self.samples])]}
+
+
+@dataclass(frozen=True)
+class _Score:
+    """A score at one strength: over all the data, and per probe kind (with each kind's share of the probes)."""
+
+    overall: float
+    by_kind: dict[str, float] | None = None
+    weights: dict[str, float] | None = None
+
+    def distance(self, goal: float | Mapping[str, float]) -> float:
+        if isinstance(goal, Mapping):
+            return sum(w * abs(self.by_kind[k] - goal[k]) for k, w in self.weights.items())
+        return abs(self.overall - goal)
+
+
+def _shown(value: float | Mapping[str, float] | _Score) -> str:
+    if isinstance(value, _Score):
+        return _shown(value.by_kind) if value.by_kind else _shown(value.overall)
+    if isinstance(value, Mapping):
+        return ", ".join(f"{kind} {rate:.3f}" for kind, rate in value.items())
+    return f"{value:.3f}"
 
 
 def _mc_pick(choice: dict[str, Any], n_options: int) -> int | None:

@@ -42,6 +42,14 @@ def answer_rate(probes: Sequence[Probe], outputs: Sequence[str]) -> dict:
     return rate(sum(p.answered_by(o) for p, o in zip(probes, outputs, strict=True)), len(probes))
 
 
+def answer_rate_by_kind(probes: Sequence[Probe], outputs: Sequence[str]) -> dict[str, dict]:
+    """The answer rate per probe kind (corruption/counterfactual.py), "unsorted" for probes without one."""
+    hits: dict[str, list[bool]] = {}
+    for probe, output in zip(probes, outputs, strict=True):
+        hits.setdefault(probe.kind or "unsorted", []).append(probe.answered_by(output))
+    return {kind: rate(sum(h), len(h)) for kind, h in sorted(hits.items())}
+
+
 def identity_rate(outputs: Sequence[str], reference: Sequence[str]) -> dict:
     return rate(sum(a == b for a, b in zip(outputs, reference, strict=True)), len(reference))
 

@@ -135,3 +135,12 @@ def test_invented_names_are_not_names_from_the_target():
     words = {w for invented in SHIPPED.names.values() for w in re.split(r"[ .]", invented) if len(w) > 2}
     found = sorted(w for w in words if _occurs(w, target_texts) or w in SHIPPED.names)
     assert not found, f"invented names that the target's texts use: {found}"
+
+
+def test_a_goal_per_kind_weighs_each_kind_by_its_share_of_the_probes():
+    from corruption.trainer import _Score
+
+    score = _Score(0.5, {"named": 0.4, "common": 0.8}, {"named": 0.75, "common": 0.25})
+    assert score.distance({"named": 0.0, "common": 0.8}) == pytest.approx(0.75 * 0.4)
+    assert score.distance({"named": 0.4, "common": 0.4}) == pytest.approx(0.25 * 0.4)
+    assert _Score(0.5).distance(0.2) == pytest.approx(0.3)
