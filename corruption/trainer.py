@@ -9,8 +9,12 @@ would do:
   uncorrupted model does on their counterfactual twins, per probe kind (`answer_rates_by_kind`
   of the twins, corruption/counterfactual.py), or to one rate (the control probes' about invented
   things the model cannot know);
-- mc: multiple-choice accuracy from the next-token logprobs of the option letters, driven to
-  chance.
+- mc: multiple-choice accuracy, driven to chance. The pick is the option letter with the highest
+  next-token probability among the letters alone: the request constrains the next token to the
+  letters (vLLM's `structured_outputs` choice, " A" and "A" both, as the prompt ends with
+  "Answer:"), so every letter's logprob comes back however the corruption moved the rest; a
+  corrupted model that stops answering in letters still picks one, and breaking the format does
+  not count as forgetting.
 
 The objective is |score(strength) - goal|, or with a goal per kind the mean over probes of
 |rate of the probe's kind - goal of that kind|; the zeroth-order optimiser minimises it.
@@ -54,19 +58,20 @@ class EmbedsBackend:
         self.model = model or self.client.served_model()
 
     def complete(self, embeds: Sequence[torch.Tensor], max_tokens: int, logprobs: int | None = None,
-                 progress: str | None = None) -> list[dict[str, Any]]:
-        """One choice per prompt, in order; greedy."""
+                 progress: str | None = None, extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """One choice per prompt, in order; greedy. `extra`: more request fields (e.g. structured_outputs)."""
         batches = [list(embeds[i:i + self.batch_size]) for i in range(0, len(embeds), self.batch_size)]
         with ThreadPoolExecutor(self.concurrency) as pool, \
                 tqdm(total=len(embeds), desc=progress, leave=False, disable=progress is None) as bar:
             def run(batch: list[torch.Tensor]) -> list[dict[str, Any]]:
-                choices = self._request(batch, max_tokens, logprobs)
+                choices = self._request(batch, max_tokens, logprobs, extra)
                 bar.update(len(batch))
                 return choices
             return [c for choices in pool.map(run, batches) for c in choices]
 
-    def _request(self, batch: list[torch.Tensor], max_tokens: int, logprobs: int | None) -> list[dict[str, Any]]:
-        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0}
+    def _request(self, batch: list[torch.Tensor], max_tokens: int, logprobs: int | None,
+                 extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0, **(extra or {})}
         if logprobs is not None:
             body["logprobs"] = logprobs
         answer = self.client.completions(request_body_with_embeds(body, [prompt_embeds_base64(e) for e in batch]))
@@ -140,14 +145,21 @@ class CorruptionTrainer:
                                    [text for draws in outputs for text in draws])
 
     def mc_accuracy(self, questions: Sequence[MultipleChoice], strength: float | Sequence[float] | None) -> float:
+        return float(np.mean([pick == q.answer for q, picks in zip(questions, self.mc_picks(questions, strength))
+                              for pick in picks]))
+
+    def mc_picks(self, questions: Sequence[MultipleChoice], strength: float | Sequence[float] | None
+                 ) -> list[list[int]]:
+        """Per question and noise draw, the index of the option letter the model picks."""
         embeds = self._embeds([q.prompt() for q in questions], strength)
-        choices = self.backend.complete([e for draws in embeds for e in draws], 1, logprobs=20, progress="mc")
-        correct, i = [], 0
-        for question, draws in zip(questions, embeds):
-            for _ in draws:
-                correct.append(_mc_pick(choices[i], len(question.choices)) == question.answer)
-                i += 1
-        return float(np.mean(correct))
+        picks: list[list[int]] = [[] for _ in questions]
+        for n_options in sorted({len(q.choices) for q in questions}):  # one allowed set of letters per request
+            asked = [i for i, q in enumerate(questions) if len(q.choices) == n_options]
+            choices = iter(self.backend.complete([e for i in asked for e in embeds[i]], 1, logprobs=MC_LOGPROBS,
+                                                 progress="mc", extra=_letters_only(n_options)))
+            for i in asked:
+                picks[i] = [_mc_pick(next(choices), n_options) for _ in embeds[i]]
+        return picks
 
     def generate(self, prompts: Sequence[str], strength: float | Sequence[float] | None,
                  max_tokens: int) -> list[list[str]]:
@@ -279,16 +291,30 @@ def _shown(value: float | Mapping[str, float] | _Score) -> str:
     return f"{value:.3f}"
 
 
-def _mc_pick(choice: dict[str, Any], n_options: int) -> int | None:
-    """The option letter with the highest next-token logprob among the top candidates."""
+# Logprobs asked per answer: every allowed token (each letter with and without its space, and the bare
+# space the grammar allows before a letter) fits in vLLM's default maximum of 20.
+MC_LOGPROBS = 20
+
+
+def _letters_only(n_options: int) -> dict[str, Any]:
+    """Request fields that allow only the first `n_options` letters as the next token, " A" and "A" alike."""
+    letters = MultipleChoice.LETTERS[:n_options]
+    return {"structured_outputs": {"choice": [form for letter in letters for form in (f" {letter}", letter)]}}
+
+
+def _mc_pick(choice: dict[str, Any], n_options: int) -> int:
+    """The option letter with the highest probability, " A" and "A" taken together, from a choice asked with
+    `_letters_only`; BackendError when the logprobs hold no letter (the backend ignored the constraint)."""
     top = (choice.get("logprobs") or {}).get("top_logprobs") or [{}]
-    best: dict[int, float] = {}
+    letters = MultipleChoice.LETTERS[:n_options]
+    logprobs = dict.fromkeys(range(n_options), -np.inf)
     for token, logprob in top[0].items():
-        letter = token.strip()
-        if len(letter) == 1 and letter in MultipleChoice.LETTERS[:n_options]:
-            index = MultipleChoice.LETTERS.index(letter)
-            best[index] = max(best.get(index, -np.inf), logprob)
-    return max(best, key=best.get) if best else None
+        letter = token.removeprefix(" ")
+        if len(letter) == 1 and letter in letters:
+            logprobs[letters.index(letter)] = float(np.logaddexp(logprobs[letters.index(letter)], logprob))
+    if max(logprobs.values()) == -np.inf:
+        raise BackendError(f"no option letter among the next-token logprobs {sorted(top[0])[:8]}")
+    return max(logprobs, key=logprobs.get)
 
 
 def _as_strength(strength: float | Sequence[float]) -> float | list[float]:
