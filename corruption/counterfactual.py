@@ -23,12 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from corruption.probes import Probe, read_probes, read_records
 
 Kind = Literal["named", "phrase", "common"]
 KINDS: tuple[Kind, ...] = ("named", "phrase", "common")
+Value = TypeVar("Value")
 
 
 def _words(text: str) -> list[str]:
@@ -124,6 +125,14 @@ def write_counterfactual(probes_path: Path, names: CounterfactualNames, out: Pat
     _write_jsonl(probes_path, records)
     _write_jsonl(out, twins)
     return twins
+
+
+def by_kind(probes: Sequence[Probe], values: Sequence[Value]) -> dict[str, list[Value]]:
+    """Each probe's value under its kind ("unsorted" for a probe without one), kinds in sorted order."""
+    grouped: dict[str, list[Value]] = {}
+    for probe, value in zip(probes, values, strict=True):
+        grouped.setdefault(probe.kind or "unsorted", []).append(value)
+    return dict(sorted(grouped.items()))
 
 
 def twins_of(counterfactual_path: Path, probes: Sequence[Probe]) -> list[Probe]:

@@ -6,9 +6,9 @@ answers. Two unlearning scores, both driven towards what a model that never knew
 would do:
 
 - probes: the share of knowledge probes whose completion contains the answer, driven to what the
-  uncorrupted model does on their counterfactual twins, per probe kind (`answer_rates_by_kind`
-  of the twins, corruption/counterfactual.py), or to one rate (the control probes' about invented
-  things the model cannot know);
+  uncorrupted model does on their counterfactual twins, per probe kind (`answers_by_kind` of the
+  twins, corruption/counterfactual.py), or to one rate (the control probes' about invented things
+  the model cannot know);
 - mc: multiple-choice accuracy, driven to chance. The pick is the option letter with the highest
   next-token probability among the letters alone: the request constrains the next token to the
   letters (vLLM's `structured_outputs` choice, " A" and "A" both, as the prompt ends with
@@ -34,13 +34,13 @@ import torch
 from tqdm import tqdm
 
 from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, run_or_skip
+from corruption.counterfactual import by_kind
 from corruption.embeddings import EmbeddingTable
 from corruption.fluency import fluency_report
 from corruption.probes import MultipleChoice, Probe
 from corruption.prompt import corrupted_embeddings, scope_mask
 from corruption.spec import CorruptionSpec
 from corruption.zo import ZerothOrderOptimizer, ZOStep
-from evaluation.metrics import answer_rate_by_kind
 from vllm_client import BackendError, VllmClient, prompt_embeds_base64, request_body_with_embeds
 
 RESULT_FORMAT = "eco-corruption-result/1"
@@ -136,13 +136,14 @@ class CorruptionTrainer:
         outputs = self.generate([p.prompt for p in probes], strength, self.max_tokens)
         return [float(np.mean([probe.answered_by(text) for text in draws])) for probe, draws in zip(probes, outputs)]
 
-    def answer_rates_by_kind(self, probes: Sequence[Probe], strength: float | Sequence[float] | None = None
-                             ) -> dict[str, dict[str, Any]]:
-        """Per probe kind: rate, n, successes and the Wilson 95% interval, over every probe and noise draw.
-        Uncorrupted (the default) on counterfactual twins, this is the reference for "never learned"."""
+    def answers_by_kind(self, probes: Sequence[Probe], strength: float | Sequence[float] | None = None
+                        ) -> dict[str, list[bool]]:
+        """Per probe kind, whether each probe and noise draw was answered. Uncorrupted (the default) on
+        counterfactual twins, this is the reference for "never learned" (evaluation.metrics.answer_rate_by_kind
+        gives its rates with Wilson intervals; corruption/ does not import that room)."""
         outputs = self.generate([p.prompt for p in probes], strength, self.max_tokens)
-        return answer_rate_by_kind([p for p, draws in zip(probes, outputs) for _ in draws],
-                                   [text for draws in outputs for text in draws])
+        return by_kind([p for p, draws in zip(probes, outputs) for _ in draws],
+                       [p.answered_by(text) for p, draws in zip(probes, outputs) for text in draws])
 
     def mc_accuracy(self, questions: Sequence[MultipleChoice], strength: float | Sequence[float] | None) -> float:
         return float(np.mean([pick == q.answer for q, picks in zip(questions, self.mc_picks(questions, strength))
@@ -256,9 +257,9 @@ class CorruptionTrainer:
 
         def measure(strength: float | Sequence[float] | None) -> _Score:
             hits = self.probe_hits(data, strength)
-            by_kind = {k: float(np.mean([h for h, kind in zip(hits, kinds) if kind == k])) for k in sorted(set(kinds))}
-            weights = {k: kinds.count(k) / len(kinds) for k in by_kind}
-            return _Score(float(np.mean(hits)), by_kind, weights)
+            grouped = by_kind(data, hits)
+            return _Score(float(np.mean(hits)), {k: float(np.mean(h)) for k, h in grouped.items()},
+                          {k: len(h) / len(hits) for k, h in grouped.items()})
         return measure
 
     def fluency(self, prompts: Sequence[str], strength: float | Sequence[float], max_tokens: int = 32) -> dict[str, Any]:

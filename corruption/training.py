@@ -85,11 +85,11 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
         if goal is None and job.score == "mc":
             goal = sum(q.chance for q in data) / len(data)
         if goal is None and twins:
-            reference = trainer.answer_rates_by_kind(twins)
+            reference = {kind: {"successes": sum(hits), "n": len(hits), "rate": sum(hits) / len(hits)}
+                         for kind, hits in trainer.answers_by_kind(twins).items()}
             goal = {kind: entry["rate"] for kind, entry in reference.items()}
             log("counterfactual twins answered uncorrupted (the goal): " + ", ".join(
-                f"{kind} {e['successes']}/{e['n']} = {e['rate']:.3f} [{e['ci'][0]:.2f}-{e['ci'][1]:.2f}]"
-                for kind, e in reference.items()))
+                f"{kind} {e['successes']}/{e['n']} = {e['rate']:.3f}" for kind, e in reference.items()))
         if goal is None:
             if control is None:
                 raise ValueError("give --counterfactual or --control probes, or an explicit --goal")

@@ -13,6 +13,7 @@ from corruption.probes import MultipleChoice, Probe, read_multiple_choice
 from corruption.spec import CorruptionSpec
 from corruption.trainer import CorruptionTrainer, EmbedsBackend, _mc_pick
 from corruption.zo import ZerothOrderOptimizer
+from evaluation.metrics import answer_rate_by_kind
 from proxy.cli import main
 
 pytestmark = pytest.mark.backend
@@ -64,16 +65,17 @@ def test_cli_writes_a_result_a_policy_can_load(backend, tmp_path):
 
 
 def test_counterfactual_reference_per_kind(trainer):
-    """The uncorrupted model on a handful of shipped twins: invented answers are not guessed, and the rates per
-    kind agree with the per-probe hits they are made of."""
+    """The uncorrupted model on a handful of shipped twins: invented answers are not guessed, and the answers per
+    kind are the per-probe hits they are made of."""
     twins = twins_of(DEMO / "counterfactual_probes.jsonl", [Probe(p, ("-",)) for p in TWINNED])
     assert [t.kind for t in twins] == ["named", "named", "common", "common"]
-    reference = trainer.answer_rates_by_kind(twins)
-    assert reference["named"]["successes"] == 0 and reference["named"]["n"] == 2  # "Bramblett", "Thistlewaite"
-    hits = trainer.probe_hits(twins, None)
-    assert reference["common"]["successes"] == sum(hits[2:]) and reference["common"]["n"] == 2
-    for entry in reference.values():
-        assert entry["ci"][0] <= entry["rate"] <= entry["ci"][1]
+    reference = trainer.answers_by_kind(twins)
+    assert reference["named"] == [False, False]  # "Bramblett", "Thistlewaite"
+    assert reference["common"] == [bool(h) for h in trainer.probe_hits(twins, None)[2:]]  # one batch, as above
+    rates = answer_rate_by_kind(twins, [text for [text] in trainer.generate([t.prompt for t in twins], None, 8)])
+    assert {kind: [r["successes"], r["n"]] for kind, r in rates.items()} == {
+        kind: [sum(hits), len(hits)] for kind, hits in reference.items()}
+    assert rates["named"]["ci"][1] > 0  # the interval of 0/2 still allows a guess
 
 
 def test_mc_pick_is_the_argmax_over_the_letters_even_when_corruption_hides_them(trainer):
