@@ -43,10 +43,10 @@ class CountingBackend(EmbedsBackend):
     requests = 0
     prompts = 0
 
-    def _request(self, batch, max_tokens, logprobs):
+    def _request(self, batch, max_tokens, logprobs, extra=None):
         self.requests += 1
         self.prompts += len(batch)
-        return super()._request(batch, max_tokens, logprobs)
+        return super()._request(batch, max_tokens, logprobs, extra)
 
 
 def run(score: str, initial: float, backend: CountingBackend, tokenizer: Any, embeddings: EmbeddingTable,

@@ -20,10 +20,16 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, type=Path, help="result JSON to write")
     train.add_argument("--score", choices=["probes", "mc"], default="probes")
     train.add_argument("--probes", type=Path, help="forget knowledge probes (JSONL: prompt, answers)")
+    train.add_argument("--counterfactual", type=Path,
+                       help="counterfactual twins of the probes (`corruption counterfactual`): their uncorrupted "
+                            "answer rate per probe kind is the goal; wins over --control")
     train.add_argument("--control", type=Path,
-                       help="control probes the model cannot know; their uncorrupted answer rate is the goal")
+                       help="control probes the model cannot know; their uncorrupted answer rate is the goal "
+                            "when no --counterfactual is given")
     train.add_argument("--mc", type=Path, help="multiple-choice questions (JSONL: question, choices, answer)")
-    train.add_argument("--goal", type=float, help="the score to reach (default: control rate, or chance for mc)")
+    train.add_argument("--goal", type=float,
+                       help="the score to reach; wins over --counterfactual and --control (default: the "
+                            "counterfactual reference, else the control rate; chance for mc)")
     train.add_argument("--method", default="gaussian_first_n", choices=GAUSSIAN + NEEDS_VALUE)
     train.add_argument("--dims", type=int, help="n or k (default: the hidden size)")
     train.add_argument("--vector", action="store_true", help="learn one strength per dimension (gaussian_first_n)")
@@ -42,6 +48,16 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0, help="seed of the random directions (vector mode)")
     train.set_defaults(run=_train)
 
+    twins = commands.add_parser(
+        "counterfactual", help="write the counterfactual twins of knowledge probes, and each probe's kind",
+        description="Swaps the target's names in every probe for invented ones (--names, a hand-written JSON "
+                    "mapping) and writes the twins to --out; their uncorrupted answer rate, per kind, is the "
+                    "goal of `corruption train --counterfactual`. Adds each probe's kind to --probes itself.")
+    twins.add_argument("--probes", required=True, type=Path, help="forget knowledge probes (JSONL: prompt, answers)")
+    twins.add_argument("--names", required=True, type=Path, help="the target's names and their replacements (JSON)")
+    twins.add_argument("--out", required=True, type=Path, help="counterfactual probes to write (JSONL)")
+    twins.set_defaults(run=_counterfactual)
+
 
 def _train(args: argparse.Namespace) -> int:
     from corruption.embeddings import EmbeddingError
@@ -50,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
 
     job = CorruptionTraining(
         backend_url=args.backend_url, model_dir=args.model_dir, out=args.out, score=args.score, probes=args.probes,
-        control=args.control, mc=args.mc, goal=args.goal, method=args.method, dims=args.dims, vector=args.vector,
+        counterfactual=args.counterfactual, control=args.control, mc=args.mc, goal=args.goal, method=args.method, dims=args.dims, vector=args.vector,
         scope=args.scope, entities=args.entities, initial=args.initial, steps=args.steps, lr=args.lr, mu=args.mu,
         tolerance=args.tolerance, samples=args.samples, max_tokens=args.max_tokens,
         embedding_scale=args.embedding_scale, skip_embedding_check=args.skip_embedding_check, seed=args.seed)
@@ -59,4 +75,19 @@ def _train(args: argparse.Namespace) -> int:
     except (OSError, ValueError, EmbeddingError, BackendError) as exc:
         print(f"eco-proxy corruption train: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _counterfactual(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from corruption.counterfactual import CounterfactualNames, write_counterfactual
+
+    try:
+        twins = write_counterfactual(args.probes, CounterfactualNames.read(args.names), args.out)
+    except (OSError, ValueError) as exc:
+        print(f"eco-proxy corruption counterfactual: {exc}", file=sys.stderr)
+        return 2
+    kinds = Counter(t["kind"] for t in twins)
+    print(f"wrote {len(twins)} twins to {args.out} ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items()))})")
     return 0

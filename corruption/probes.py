@@ -9,10 +9,12 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Probe:
-    """A cloze prompt and the answers that count as knowing it."""
+    """A cloze prompt and the answers that count as knowing it; `kind` says what the answer is (see
+    corruption/counterfactual.py), None on probes that were never sorted."""
 
     prompt: str
     answers: tuple[str, ...]
+    kind: str | None = None
 
     def answered_by(self, completion: str) -> bool:
         return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", completion, re.IGNORECASE) for a in self.answers)
@@ -53,7 +55,7 @@ def read_probes(path: str | Path) -> list[Probe]:
     for number, r in enumerate(read_records(path), 1):
         if not isinstance(r.get("prompt"), str) or not r.get("answers"):
             raise ValueError(f"{path}: record {number} needs a 'prompt' string and a non-empty 'answers' list")
-        probes.append(Probe(r["prompt"], tuple(r["answers"])))
+        probes.append(Probe(r["prompt"], tuple(r["answers"]), r.get("kind")))
     return probes
 
 

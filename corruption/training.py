@@ -17,9 +17,12 @@ class CorruptionTraining:
     out: Path
     score: Literal["probes", "mc"] = "probes"
     probes: Path | None = None  # forget knowledge probes (JSONL: prompt, answers)
+    # counterfactual twins of the probes (eco-proxy corruption counterfactual): the twins' uncorrupted answer
+    # rate per probe kind is the goal
+    counterfactual: Path | None = None
     control: Path | None = None  # probes the model cannot know; their uncorrupted answer rate is the goal
     mc: Path | None = None  # multiple-choice questions (JSONL: question, choices, answer)
-    goal: float | None = None  # default: the control rate, or chance for mc
+    goal: float | None = None  # wins over both; default: the counterfactual reference, else the control rate; mc: chance
     method: str = "gaussian_first_n"
     dims: int | None = None  # n or k (default: the hidden size)
     vector: bool = False  # one strength per dimension (gaussian_first_n)
@@ -43,6 +46,7 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     vllm_client.BackendError on failure."""
     from transformers import AutoTokenizer
 
+    from corruption.counterfactual import twins_of
     from corruption.embeddings import EmbeddingTable
     from corruption.probes import read_multiple_choice, read_probes
     from corruption.spec import CorruptionSpec
@@ -55,7 +59,12 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
         raise ValueError("--score mc needs --mc")
     if job.vector and job.method != "gaussian_first_n":
         raise ValueError("--vector needs --method gaussian_first_n")
+    if job.counterfactual and job.score != "probes":
+        raise ValueError("--counterfactual needs --score probes")
     data = read_probes(job.probes) if job.score == "probes" else read_multiple_choice(job.mc)
+    twins = twins_of(job.counterfactual, data) if job.counterfactual and job.goal is None else None
+    if twins == []:
+        raise ValueError(f"{job.counterfactual} holds no twin of the probes in {job.probes}")
     control = read_probes(job.control) if job.control else None
     entities = [t.strip() for t in job.entities.read_text().splitlines() if t.strip()] if job.entities else []
     embeddings = EmbeddingTable.from_model_dir(job.model_dir, scale=job.embedding_scale)
@@ -71,12 +80,19 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
         check = trainer.verify_backend()  # before any probe is sent
         if check.status == "passed":
             log(check.message)
-        goal = job.goal
+        goal: float | dict[str, float] | None = job.goal
+        reference = None
         if goal is None and job.score == "mc":
             goal = sum(q.chance for q in data) / len(data)
+        if goal is None and twins:
+            reference = {kind: {"successes": sum(hits), "n": len(hits), "rate": sum(hits) / len(hits)}
+                         for kind, hits in trainer.answers_by_kind(twins).items()}
+            goal = {kind: entry["rate"] for kind, entry in reference.items()}
+            log("counterfactual twins answered uncorrupted (the goal): " + ", ".join(
+                f"{kind} {e['successes']}/{e['n']} = {e['rate']:.3f}" for kind, e in reference.items()))
         if goal is None:
             if control is None:
-                raise ValueError("give --control probes or an explicit --goal")
+                raise ValueError("give --counterfactual or --control probes, or an explicit --goal")
             goal = trainer.probe_hit_rate(control, None)
             log(f"control probes answered uncorrupted: {goal:.3f} (the goal)")
         optimizer = ZerothOrderOptimizer(lr=job.lr, mu=job.mu, max_steps=job.steps, target=job.tolerance,
@@ -91,8 +107,11 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
                 f"{report['uncorrupted']['mean_unique_word_ratio']:.2f}, "
                 f"repetitive {report['corrupted']['repetitive_rate']:.2f} vs "
                 f"{report['uncorrupted']['repetitive_rate']:.2f}, empty {report['corrupted']['empty_rate']:.2f}")
+        if reference is not None:
+            result["counterfactual"] = {"n": len(twins), "reference": reference}
         if control is not None:
-            result["control"] = {"n": len(control), "uncorrupted_rate": goal if job.goal is None else None}
+            result["control"] = {"n": len(control),
+                                 "uncorrupted_rate": goal if job.goal is None and reference is None else None}
     finally:
         backend.close()
     job.out.parent.mkdir(parents=True, exist_ok=True)

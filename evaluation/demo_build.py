@@ -1,11 +1,14 @@
 """Rebuild the shipped demo artifacts from the data in demo/, against a real backend.
 
-1. keep the knowledge probes the base model answers right (probes.kept.jsonl, retain_probes.kept.jsonl);
+1. write the counterfactual twins of a target's probes where it has a names mapping
+   (counterfactual_names.json -> counterfactual_probes.jsonl, and each probe's kind), then keep the
+   knowledge probes the base model answers right (probes.kept.jsonl, retain_probes.kept.jsonl);
 2. train and calibrate each target's classifier (demo/<target>/classifier/): Harry Potter's is the
    fine-tuned gate on demo/harry_potter/gate (train/ split by cluster, test/ the frozen test split),
    with the logistic baseline beside it (demo/harry_potter/classifier-logistic/) for comparison;
 3. learn each target's corruption strength on the train split of its kept probes
-   (demo/<target>/corruption.json); the other probes stay held out for `eco-proxy eval`.
+   (demo/<target>/corruption.json), towards its twins' answer rate per kind where it has twins, else
+   the control probes' rate; the other probes stay held out for `eco-proxy eval`.
 
 Every step calls a Python API (`classifier.training`, `corruption.training`), never the command line.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from classifier.data import split_of
 from classifier.training import FileTraining, GateTraining, train_gate, train_logistic_files
+from corruption.counterfactual import CounterfactualNames, write_counterfactual
 from corruption.probes import read_probes, read_records
 from corruption.training import CorruptionTraining, train_corruption
 from evaluation.client import Endpoint
@@ -47,6 +51,11 @@ def train_split_probes(kept: Path, workdir: Path) -> Path:
 def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
     hp, sw = demo_dir / "harry_potter", demo_dir / "star_wars"
     endpoint = Endpoint(backend_url)
+    for target in (hp, sw):
+        if (target / "counterfactual_names.json").exists():
+            twins = write_counterfactual(target / "probes.jsonl", CounterfactualNames.read(
+                target / "counterfactual_names.json"), target / "counterfactual_probes.jsonl")
+            print(f"{target.name}/counterfactual_probes.jsonl: {len(twins)} twins")
     for source, destination in ((hp / "probes.jsonl", hp / "probes.kept.jsonl"),
                                 (hp / "retain_probes.jsonl", hp / "retain_probes.kept.jsonl"),
                                 (sw / "probes.jsonl", sw / "probes.kept.jsonl")):
@@ -60,8 +69,10 @@ def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
                                                                 hp / "forget.jsonl"), sw / "classifier", alpha=0.05))
     with tempfile.TemporaryDirectory() as workdir:
         for target in (hp, sw):
+            twins = target / "counterfactual_probes.jsonl"
             train_corruption(CorruptionTraining(
                 backend_url, model_dir, target / "corruption.json",
                 probes=train_split_probes(target / "probes.kept.jsonl", Path(workdir)),
+                counterfactual=twins if twins.exists() else None,
                 control=hp / "control_probes.jsonl", initial=0.1, steps=12, samples=3))
     return 0

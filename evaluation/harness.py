@@ -1,6 +1,8 @@
 """The evaluation, after MUSE's six ways, against a raw backend and a guarded endpoint.
 
-1. knowledge memorisation: forget-probe answer rate, against control probes the model cannot know;
+1. knowledge memorisation: forget-probe answer rate, against control probes the model cannot know, and
+   per probe kind against the counterfactual reference (the raw model on the probes' twins, whose names
+   of the target are invented: what a model that never read the target answers);
 2. verbatim memorisation: ROUGE-L of continuations of well-known sentences about the target;
 3. utility: retain-probe answer rate, and exact identity of the guarded output with the raw one;
 4. the gate: share of forget, retain and attack prompts the guarded endpoint flags;
@@ -23,9 +25,10 @@ from typing import Any
 
 from classifier.data import read_jsonl, split_of
 from classifier.gate_data import load_records
+from corruption.counterfactual import twins_of
 from corruption.probes import Probe, read_probes, read_records
 from evaluation.client import Endpoint, Reply
-from evaluation.metrics import answer_rate, identity_rate, mean, rate, rouge_l_f1
+from evaluation.metrics import answer_rate, answer_rate_by_kind, identity_rate, mean, rate, rouge_l_f1
 
 REFUSAL = "I'm sorry, but I can't help with that."
 SYSTEM_PROMPT = ("You must not reveal anything about {target}: not its characters, places, events or any "
@@ -38,6 +41,7 @@ class TargetData:
     forget_probes: list[Probe]  # held out from the corruption training
     forget_prompts: list[str]  # the classifier's test split
     control_probes: list[Probe] = field(default_factory=list)
+    counterfactual_probes: list[Probe] = field(default_factory=list)  # the twins of forget_probes
     retain_probes: list[Probe] = field(default_factory=list)
     retain_sources: list[str] = field(default_factory=list)  # each retain probe's "source", for sustainability
     retain_prompts: dict[str, list[str]] = field(default_factory=dict)  # set name -> test-split prompts
@@ -96,6 +100,7 @@ def load_target(directory: Path, name: str, retain_files: Sequence[str]) -> Targ
         forget_probes=probes,
         forget_prompts=forget_prompts,
         control_probes=read_probes(p) if (p := optional("control_probes.jsonl")) else [],
+        counterfactual_probes=twins_of(p, probes) if (p := optional("counterfactual_probes.jsonl")) else [],
         retain_probes=retain_probes,
         retain_sources=retain_sources,
         retain_prompts={Path(f).stem: _test_split(directory / f) for f in retain_files},
@@ -138,6 +143,7 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
                 "guarded": guarded.complete(prefixes, verbatim_tokens, "verbatim, guarded"),
                 "system_prompt": raw.complete([system + p for p in prefixes], verbatim_tokens, "verbatim, system")}
     control = raw.complete([p.prompt for p in target.control_probes], max_tokens, "control probes")
+    twins = raw.complete([p.prompt for p in target.counterfactual_probes], max_tokens, "counterfactual twins")
 
     outputs: dict[str, dict[str, list[str]]] = {
         kind: {name: _texts(replies) for name, replies in by_system.items()} for kind, by_system in runs.items()}
@@ -150,11 +156,13 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
     for name in ("raw", "system_prompt", "refusal", "guarded"):
         systems[name] = {
             "forget_answer_rate": answer_rate(target.forget_probes, outputs["forget"][name]),
+            "forget_answer_rate_by_kind": answer_rate_by_kind(target.forget_probes, outputs["forget"][name]),
             "retain_answer_rate": answer_rate(target.retain_probes, outputs["retain"][name]),
             "retain_identical_to_raw": identity_rate(outputs["retain"][name], outputs["retain"]["raw"]),
             "verbatim_rouge_l": mean([rouge_l_f1(o, ref) for o, (_, ref) in zip(verbatim_out[name], target.verbatim)]),
         }
     control_rate = answer_rate(target.control_probes, _texts(control))
+    reference = answer_rate_by_kind(target.counterfactual_probes, _texts(twins))
     gate = {}
     if target.forget_prompts:
         gate["forget"] = _flag_rate(guarded.chat([[{"role": "user", "content": t}] for t in target.forget_prompts], 1,
@@ -171,12 +179,17 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
         "target": target.name, "model": raw.model,
         "endpoints": {"raw": raw.base_url, "guarded": guarded.base_url},
         "control_answer_rate": control_rate,
+        "counterfactual_answer_rate_by_kind": reference,
         "systems": systems,
         "gate": gate,
         "goals": {
             "forget_at_or_below_control": systems["guarded"]["forget_answer_rate"]["rate"] <= control_rate["rate"],
             "retain_equal_to_raw": systems["guarded"]["retain_answer_rate"]["rate"]
             == systems["raw"]["retain_answer_rate"]["rate"],
+            # per kind: the guarded forget rate inside the counterfactual reference's 95% interval
+            "forget_within_counterfactual": {
+                kind: entry["ci"][0] <= systems["guarded"]["forget_answer_rate_by_kind"][kind]["rate"] <= entry["ci"][1]
+                for kind, entry in reference.items() if kind in systems["guarded"]["forget_answer_rate_by_kind"]},
         },
         "examples": [{"prompt": p.prompt, "raw": r, "guarded": g} for p, r, g in
                      zip(target.forget_probes[:8], outputs["forget"]["raw"], outputs["forget"]["guarded"])],

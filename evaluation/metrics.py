@@ -5,6 +5,7 @@ import re
 from collections.abc import Sequence
 
 from classifier.metrics import wilson_interval
+from corruption.counterfactual import by_kind
 from corruption.probes import Probe
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -40,6 +41,12 @@ def rate(successes: int, n: int) -> dict[str, float | list[float] | int]:
 
 def answer_rate(probes: Sequence[Probe], outputs: Sequence[str]) -> dict:
     return rate(sum(p.answered_by(o) for p, o in zip(probes, outputs, strict=True)), len(probes))
+
+
+def answer_rate_by_kind(probes: Sequence[Probe], outputs: Sequence[str]) -> dict[str, dict]:
+    """The answer rate per probe kind (corruption/counterfactual.py), "unsorted" for probes without one."""
+    hits = by_kind(probes, [p.answered_by(o) for p, o in zip(probes, outputs, strict=True)])
+    return {kind: rate(sum(h), len(h)) for kind, h in hits.items()}
 
 
 def identity_rate(outputs: Sequence[str], reference: Sequence[str]) -> dict:

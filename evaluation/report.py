@@ -26,6 +26,14 @@ def markdown(report: dict[str, Any]) -> str:
     for name, row in report["systems"].items():
         lines.append(f"| {SYSTEM_NAMES[name]} | {_pct(row['forget_answer_rate'])} | {_pct(row['retain_answer_rate'])} "
                      f"| {_pct(row['retain_identical_to_raw'])} | {row['verbatim_rouge_l']:.3f} |")
+    reference = report.get("counterfactual_answer_rate_by_kind") or {}
+    if reference:
+        lines += ["", "Forget answer rate per probe kind, beside the counterfactual reference (the raw model on the "
+                  "probes' twins, whose names of the target are invented):", "",
+                  "| Probe kind | Counterfactual reference | No guard (raw vLLM) | ECO proxy |", "|---|---|---|---|"]
+        for kind, entry in reference.items():
+            by_system = [report["systems"][name]["forget_answer_rate_by_kind"].get(kind) for name in ("raw", "guarded")]
+            lines.append(f"| {kind} | {_pct(entry)} | " + " | ".join(_pct(e) if e else "–" for e in by_system) + " |")
     lines += ["", "| Gate (guarded endpoint) | Flagged |", "|---|---|"]
     for set_name, entry in report["gate"].items():
         lines.append(f"| {set_name} | {_pct(entry)} |")
@@ -42,6 +50,9 @@ def markdown(report: dict[str, Any]) -> str:
     goals = report["goals"]
     lines += ["", f"Goals: forget answer rate at or below control: **{'yes' if goals['forget_at_or_below_control'] else 'no'}**;"
               f" retain answer rate equal to raw: **{'yes' if goals['retain_equal_to_raw'] else 'no'}**."]
+    if goals.get("forget_within_counterfactual"):
+        lines[-1] += " Forget answer rate within the counterfactual reference's interval: " + ", ".join(
+            f"{kind} **{'yes' if met else 'no'}**" for kind, met in goals["forget_within_counterfactual"].items()) + "."
     return "\n".join(lines) + "\n"
 
 

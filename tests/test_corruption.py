@@ -14,8 +14,9 @@ from corruption.keys import keyed_generator
 from corruption.probes import MultipleChoice, Probe
 from corruption.scope import entity_mask
 from corruption.spec import CorruptionSpec, Method
-from corruption.trainer import _mc_pick
+from corruption.trainer import MC_LOGPROBS, _letters_only, _mc_pick
 from corruption.zo import ZerothOrderOptimizer
+from vllm_client import BackendError
 
 pytestmark = pytest.mark.unit
 
@@ -188,7 +189,17 @@ def test_probe_answer_matching_and_multiple_choice_pick():
     assert question.prompt().endswith("D. d\nAnswer:") and question.chance == 0.25
     choice = {"logprobs": {"top_logprobs": [{" B": -2.0, " C": -0.5, "C": -3.0, " the": -0.1}]}}
     assert _mc_pick(choice, 4) == 2
-    assert _mc_pick({"logprobs": {"top_logprobs": [{" the": -0.1}]}}, 4) is None
+    together = {"logprobs": {"top_logprobs": [{" A": -1.2, "A": -1.2, " B": -1.0}]}}
+    assert _mc_pick(together, 4) == 0  # " A" and "A" are one letter: together they outweigh " B"
+    not_letters = {"logprobs": {"top_logprobs": [{" A": -3.0, " B": -1.0, " ": -0.05, "\nA": -0.1, " E": -0.2}]}}
+    assert _mc_pick(not_letters, 4) == 1  # a bare space, "\nA" and a letter past the options do not count
+    with pytest.raises(BackendError, match="no option letter"):
+        _mc_pick({"logprobs": {"top_logprobs": [{" the": -0.1}]}}, 4)
+
+
+def test_mc_requests_allow_only_the_option_letters():
+    assert _letters_only(3) == {"structured_outputs": {"choice": [" A", "A", " B", "B", " C", "C"]}}
+    assert 2 * len(MultipleChoice.LETTERS) + 1 <= MC_LOGPROBS  # every allowed token's logprob comes back
 
 
 def test_fluency_report():

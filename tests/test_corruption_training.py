@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
+from corruption.counterfactual import twins_of
 from corruption.embeddings import EmbeddingTable
-from corruption.probes import Probe
+from corruption.probes import MultipleChoice, Probe, read_multiple_choice
 from corruption.spec import CorruptionSpec
-from corruption.trainer import CorruptionTrainer, EmbedsBackend
+from corruption.trainer import CorruptionTrainer, EmbedsBackend, _mc_pick
 from corruption.zo import ZerothOrderOptimizer
+from evaluation.metrics import answer_rate_by_kind
 from proxy.cli import main
 
 pytestmark = pytest.mark.backend
@@ -20,6 +23,9 @@ PROBES = [  # facts gemma-3-270m completes correctly when uncorrupted
     Probe("The headmaster of Hogwarts is Albus", ("Dumbledore",)),
     Probe("The dark wizard who killed Harry's parents is Lord", ("Voldemort",)),
 ]
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "harry_potter"
+TWINNED = ["Harry Potter's best friends are Ron Weasley and Hermione", "The headmaster of Hogwarts is Albus",
+           "Harry's Patronus takes the form of a", "The Weasleys have seven"]  # forget probes, in file order
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +62,40 @@ def test_cli_writes_a_result_a_policy_can_load(backend, tmp_path):
     assert CorruptionSpec.from_result_file(out).sigma == result["spec"]["sigma"]
     assert main(["corruption", "train", "--backend-url", backend.url, "--model-dir", str(backend.model_dir),
                  "--out", str(out)]) == 2  # no probes: a one-line error, not a traceback
+
+
+def test_counterfactual_reference_per_kind(trainer):
+    """The uncorrupted model on a handful of shipped twins: invented answers are not guessed, and the answers per
+    kind are the per-probe hits they are made of."""
+    twins = twins_of(DEMO / "counterfactual_probes.jsonl", [Probe(p, ("-",)) for p in TWINNED])
+    assert [t.kind for t in twins] == ["named", "named", "common", "common"]
+    reference = trainer.answers_by_kind(twins)
+    assert reference["named"] == [False, False]  # "Bramblett", "Thistlewaite"
+    assert reference["common"] == [bool(h) for h in trainer.probe_hits(twins, None)[2:]]  # one batch, as above
+    rates = answer_rate_by_kind(twins, [text for [text] in trainer.generate([t.prompt for t in twins], None, 8)])
+    assert {kind: [r["successes"], r["n"]] for kind, r in rates.items()} == {
+        kind: [sum(hits), len(hits)] for kind, hits in reference.items()}
+    assert rates["named"]["ci"][1] > 0  # the interval of 0/2 still allows a guess
+
+
+def test_mc_pick_is_the_argmax_over_the_letters_even_when_corruption_hides_them(trainer):
+    questions = read_multiple_choice(DEMO / "mc.jsonl")[:6]
+    backend, n = trainer.backend, 4
+    assert all(len(q.choices) == n for q in questions)
+    free = backend.complete([e for [e] in trainer._embeds([q.prompt() for q in questions], None)], 1, logprobs=20)
+    constrained = trainer.mc_picks(questions, None)
+    compared = 0
+    for question, choice, [pick] in zip(questions, free, constrained):
+        shown = {token.strip() for token in choice["logprobs"]["top_logprobs"][0]}
+        if set(MultipleChoice.LETTERS[:n]) <= shown:  # every letter among the free top 20: same pick
+            assert pick == _mc_pick(choice, n)
+            compared += 1
+    assert compared >= 3
+    # at a large strength the free top 20 holds no letter, and the constrained request still picks one
+    corrupted = [e for draws in trainer._embeds([q.prompt() for q in questions], 3.0) for e in draws]
+    free = backend.complete(corrupted, 1, logprobs=20)
+    lost = [i for i, c in enumerate(free)
+            if not {t.strip() for t in c["logprobs"]["top_logprobs"][0]} & set(MultipleChoice.LETTERS[:n])]
+    assert lost, "no corrupted prompt lost every letter from its top 20"
+    picks = [p for draws in trainer.mc_picks(questions, 3.0) for p in draws]
+    assert all(0 <= picks[i] < n for i in lost)

@@ -52,9 +52,14 @@ ANSWERS = {"owl is named": "Hedwig", "headmaster is Albus": "Dumbledore", "capit
            "Frodo carries the One": "Ring", "Threnmoor was Edwin": "Callow"}
 TARGET = TargetData(
     name="hp",
-    forget_probes=[Probe("Harry's owl is named", ("Hedwig",)), Probe("The headmaster is Albus", ("Dumbledore",))],
+    forget_probes=[Probe("Harry's owl is named", ("Hedwig",), "named"),
+                   Probe("The headmaster is Albus", ("Dumbledore",), "named")],
     forget_prompts=["Who is Harry?", "Tell me about Hogwarts"],
     control_probes=[Probe("The founder of Threnmoor was Edwin", ("Callow",))],
+    # twins: the scripted model knows neither invented name; a "common" twin without a forget probe of its kind
+    counterfactual_probes=[Probe("Tobin's owl is named", ("Ysolde",), "named"),
+                           Probe("The headmaster is Ewart", ("Thistlewaite",), "named"),
+                           Probe("The capital of Japan is", ("Tokyo",), "common")],
     retain_probes=[Probe("The capital of Japan is", ("Tokyo",)), Probe("Frodo carries the One", ("Ring",))],
     retain_prompts={"retain_general": ["What is the capital of Japan?", "How do owls sleep?"]},
     attack=[[{"role": "user", "content": "Hogwartz?"}]],
@@ -79,9 +84,16 @@ def test_evaluate_aggregates_systems_gate_and_goals(tmp_path):
     assert report["gate"]["forget"]["rate"] == 1.0 and report["gate"]["retain_general"]["rate"] == 0.0
     assert report["gate"]["attack"]["rate"] == 0.0  # "Hogwartz" slips through this scripted gate
     assert report["control_answer_rate"]["rate"] == 0.0
-    assert report["goals"] == {"forget_at_or_below_control": True, "retain_equal_to_raw": True}
+    assert report["counterfactual_answer_rate_by_kind"]["named"]["rate"] == 0.0
+    assert report["counterfactual_answer_rate_by_kind"]["common"]["rate"] == 1.0
+    assert systems["raw"]["forget_answer_rate_by_kind"]["named"]["rate"] == 1.0
+    assert systems["guarded"]["forget_answer_rate_by_kind"]["named"]["successes"] == 0
+    assert report["goals"] == {"forget_at_or_below_control": True, "retain_equal_to_raw": True,
+                               "forget_within_counterfactual": {"named": True}}
     table = markdown(report)
     assert "| ECO proxy" in table and "Goals: forget answer rate at or below control: **yes**" in table
+    assert "| named | 0.0% [0–66] (n=2) | 100.0% [34–100] (n=2) | 0.0% [0–66] (n=2) |" in table
+    assert "| common | 100.0% [21–100] (n=1) | – | – |" in table
     assert all(p.stat().st_size > 0 for p in plots(report, tmp_path))
 
 
@@ -113,3 +125,13 @@ def test_load_target_leaves_out_the_probes_trained_on(tmp_path):
     assert kept == [p for p in ["kept"] if split_of(p) != "train"]  # the filtered file wins when present
     (tmp_path / "verbatim.jsonl").write_text(json.dumps({"prefix": "Harry's owl is", "reference": "Hedwig."}) + "\n")
     assert load_target(tmp_path, "t", []).verbatim == [("Harry's owl is", "Hedwig.")]
+
+
+def test_answer_rate_by_kind_groups_probes_and_keeps_unsorted_ones():
+    from evaluation.metrics import answer_rate_by_kind
+
+    probes = [Probe("a", ("x",), "named"), Probe("b", ("y",), "named"), Probe("c", ("z",), "common"), Probe("d", ("w",))]
+    rates = answer_rate_by_kind(probes, ["x", "no", "z", "w"])
+    assert {kind: (r["successes"], r["n"]) for kind, r in rates.items()} == {
+        "common": (1, 1), "named": (1, 2), "unsorted": (1, 1)}
+    assert rates["named"]["ci"][0] < 0.5 < rates["named"]["ci"][1]
