@@ -230,6 +230,7 @@ def build_app(model_dir: Path, upstream: RecordingUpstream | str, headers: str =
     real backend's URL)."""
     from classifier.encoder import EncoderPool
     from proxy.app import ProxyState, create_app
+    from corruption.prompt import special_token_ids
     from proxy.guard import Guard
     from proxy.observability import AuditLog, Metrics
     from proxy.policy import ActivePolicy, ActiveTarget
@@ -245,7 +246,7 @@ def build_app(model_dir: Path, upstream: RecordingUpstream | str, headers: str =
     state = ProxyState(
         policy=policy, policy_path="policy.yaml", served_model_name=STUB_MODEL,
         builder=PromptBuilder(tokenizer),
-        guard=Guard(embeddings, b"test-key", metrics, audit),
+        guard=Guard(embeddings, b"test-key", metrics, audit, special_token_ids=special_token_ids(tokenizer)),
         upstream=AsyncVllmClient(upstream) if isinstance(upstream, str)
         else AsyncVllmClient("http://upstream", transport=upstream),
         metrics=metrics, audit=audit, encoders=EncoderPool(0), **state_options)
