@@ -158,27 +158,33 @@ class SPSASearch:
 
     a, c: the step and perturbation sizes on log(strength) at step 1, decaying as a/k^0.602 and
     c/k^0.101 (Spall's standard exponents). max_steps: SPSA steps (3 evaluations each) before giving
-    up. bisections: rounds of halving the overall scale once a point meets the goal. max_log_step:
-    the largest move of one coordinate in one step, so a lucky difference cannot throw the search
-    out of range. seed: the perturbation signs, so a run repeats exactly.
+    up. bisections: rounds of halving the overall scale once a point meets the goal. noise_floor:
+    the smallest difference between the + and - objectives read as a slope; below it the two points
+    are on a plateau (a rate that moves by a probe or two is noise), and the side that misses the goal
+    says which way every strength goes. max_log_step: the largest move of one coordinate in one step,
+    so a lucky difference cannot throw the search out of range. seed: the perturbation signs, so a run
+    repeats exactly.
     """
 
     ALPHA, GAMMA = 0.602, 0.101
 
     def __init__(self, a: float = 2.0, c: float = 0.3, max_steps: int = 8, bisections: int = 4,
-                 max_log_step: float = 1.0, max_strength: float = 1e4, seed: int = 0):
-        if a <= 0 or c <= 0 or max_steps < 0 or bisections < 0 or max_log_step <= 0:
-            raise ValueError("a, c and max_log_step must be positive; max_steps and bisections not negative")
+                 noise_floor: float = 0.02, max_log_step: float = 1.0, max_strength: float = 1e4, seed: int = 0):
+        if a <= 0 or c <= 0 or max_steps < 0 or bisections < 0 or noise_floor < 0 or max_log_step <= 0:
+            raise ValueError("a, c and max_log_step must be positive; max_steps, bisections and noise_floor "
+                             "not negative")
         self.a = a
         self.c = c
         self.max_steps = max_steps
         self.bisections = bisections
+        self.noise_floor = noise_floor
         self.max_log_step = max_log_step
         self.max_strength = max_strength
         self.seed = seed
 
     def settings(self) -> dict[str, float]:
         return {"a": self.a, "c": self.c, "max_steps": self.max_steps, "bisections": self.bisections,
+                "noise_floor": self.noise_floor,
                 "max_log_step": self.max_log_step, "max_strength": self.max_strength, "seed": self.seed}
 
     def search(self, evaluate: Callable[[np.ndarray], Reading], x0: list[float],
@@ -214,7 +220,7 @@ class SPSASearch:
                 met = min((p for p, _ in meeting), key=lambda p: float(np.sum(np.log(p))))
                 break
             difference = plus.objective - minus.objective
-            if difference != 0:
+            if abs(difference) > self.noise_floor:
                 move = a_k * difference / (2 * c_k) * signs  # 1/sign == sign for a Rademacher sign
             else:  # a plateau: the side that misses says which way the whole corruption should go
                 move = -a_k * np.sign(current.forget_excess - current.fluency_excess) * np.ones_like(theta)
