@@ -44,10 +44,12 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--initial", type=float, default=0.25, help="starting strength")
     train.add_argument("--steps", type=int, default=12,
                        help="step budget (with --counterfactual: SPSA steps, 3 evaluations each)")
-    train.add_argument("--lr", type=float, default=0.5,
-                       help="step size on log(strength) (with --counterfactual: SPSA's a, decaying as a/k^0.602)")
+    train.add_argument("--lr", type=float,
+                       help="step size on log(strength) (default 0.5; with --counterfactual: SPSA's, default 2.0, "
+                            "decaying as lr/k^0.602)")
     train.add_argument("--mu", type=float, default=0.3,
-                       help="finite-difference perturbation on log(strength) (with --counterfactual: SPSA's c)")
+                       help="finite-difference perturbation on log(strength) (with --counterfactual: SPSA's, "
+                            "decaying as mu/k^0.101)")
     train.add_argument("--tolerance", type=float, default=0.0, help="stop when |score - goal| <= this")
     search = train.add_argument_group(
         "two-sided search (with --counterfactual)",
@@ -70,7 +72,8 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--embedding-scale", type=float, help="input-embedding scale for an unknown architecture")
     train.add_argument("--skip-embedding-check", action="store_true",
                        help="do not check that the backend reads prompt embeddings as it reads text (unsafe)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the random directions (vector mode) and of SPSA's perturbation signs")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the random directions (vector mode) and of SPSA's perturbation signs")
     train.set_defaults(run=_train)
 
     twins = commands.add_parser(

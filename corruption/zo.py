@@ -156,8 +156,8 @@ class SearchResult:
 class SPSASearch:
     """The smallest strengths meeting a goal `evaluate(strengths) -> Reading`, within a budget.
 
-    a, c: the step and perturbation sizes on log(strength) at step 1, decaying as a/k^0.602 and
-    c/k^0.101 (Spall's standard exponents). max_steps: SPSA steps (3 evaluations each) before giving
+    lr, mu: the step and perturbation sizes on log(strength) at step 1 (Spall's a and c), decaying as
+    lr/k^0.602 and mu/k^0.101 (his standard exponents). max_steps: SPSA steps (3 evaluations each) before giving
     up. bisections: rounds of halving the overall scale once a point meets the goal. noise_floor:
     the smallest difference between the + and - objectives read as a slope; below it the two points
     are on a plateau (a rate that moves by a probe or two is noise), and the side that misses the goal
@@ -168,13 +168,13 @@ class SPSASearch:
 
     ALPHA, GAMMA = 0.602, 0.101
 
-    def __init__(self, a: float = 2.0, c: float = 0.3, max_steps: int = 8, bisections: int = 4,
+    def __init__(self, lr: float = 2.0, mu: float = 0.3, max_steps: int = 8, bisections: int = 4,
                  noise_floor: float = 0.02, max_log_step: float = 1.0, max_strength: float = 1e4, seed: int = 0):
-        if a <= 0 or c <= 0 or max_steps < 0 or bisections < 0 or noise_floor < 0 or max_log_step <= 0:
-            raise ValueError("a, c and max_log_step must be positive; max_steps, bisections and noise_floor "
+        if lr <= 0 or mu <= 0 or max_steps < 0 or bisections < 0 or noise_floor < 0 or max_log_step <= 0:
+            raise ValueError("lr, mu and max_log_step must be positive; max_steps, bisections and noise_floor "
                              "not negative")
-        self.a = a
-        self.c = c
+        self.lr = lr
+        self.mu = mu
         self.max_steps = max_steps
         self.bisections = bisections
         self.noise_floor = noise_floor
@@ -183,7 +183,7 @@ class SPSASearch:
         self.seed = seed
 
     def settings(self) -> dict[str, float]:
-        return {"a": self.a, "c": self.c, "max_steps": self.max_steps, "bisections": self.bisections,
+        return {"lr": self.lr, "mu": self.mu, "max_steps": self.max_steps, "bisections": self.bisections,
                 "noise_floor": self.noise_floor,
                 "max_log_step": self.max_log_step, "max_strength": self.max_strength, "seed": self.seed}
 
@@ -211,7 +211,7 @@ class SPSASearch:
         step = 0
         while met is None and step < self.max_steps:
             step += 1
-            a_k, c_k = self.a / step ** self.ALPHA, self.c / step ** self.GAMMA
+            a_k, c_k = self.lr / step ** self.ALPHA, self.mu / step ** self.GAMMA
             signs = rng.choice([-1.0, 1.0], size=theta.size)  # Rademacher: every coordinate moves at once
             plus_point, minus_point = (np.exp(np.minimum(theta + d * c_k * signs, upper)) for d in (1, -1))
             plus, minus = measure(plus_point, "spsa+", step), measure(minus_point, "spsa-", step)
