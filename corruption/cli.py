@@ -44,8 +44,8 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--initial", type=float, default=0.25, help="starting strength")
     train.add_argument("--steps", type=int, default=12,
                        help="step budget (with --counterfactual: SPSA steps, 3 evaluations each)")
-    train.add_argument("--lr", type=float,
-                       help="step size on log(strength) (default 0.5; with --counterfactual: SPSA's, default 2.0, "
+    train.add_argument("--lr", type=float, default=0.5,
+                       help="step size on log(strength) (with --counterfactual: SPSA's step length at step k=1, "
                             "decaying as lr/k^0.602)")
     train.add_argument("--mu", type=float, default=0.3,
                        help="finite-difference perturbation on log(strength) (with --counterfactual: SPSA's, "

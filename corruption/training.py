@@ -40,7 +40,7 @@ class CorruptionTraining:
     bisections: int = 4
     spread_keys: int = 3
     steps: int = 12
-    lr: float | None = None  # step size; default: each search's own (line search 0.5, SPSA 2.0)
+    lr: float = 0.5
     mu: float = 0.3
     tolerance: float = 0.0
     samples: int = 2
@@ -98,14 +98,13 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
         if check.status == "passed":
             log(check.message)
         goal: float | None = job.goal
-        step_size = {} if job.lr is None else {"lr": job.lr}
         if goal is None and job.score == "mc":
             goal = sum(q.chance for q in data) / len(data)
         if goal is None and twins:
             reference = {kind: (sum(hits), len(hits)) for kind, hits in trainer.answers_by_kind(twins).items()}
             log("counterfactual twins answered uncorrupted (the reference): " + ", ".join(
                 f"{kind} {s}/{n} = {s / n:.3f}" for kind, (s, n) in reference.items()))
-            search = SPSASearch(**step_size, mu=job.mu, max_steps=job.steps, bisections=job.bisections, seed=job.seed)
+            search = SPSASearch(lr=job.lr, mu=job.mu, max_steps=job.steps, bisections=job.bisections, seed=job.seed)
             result = trainer.search(data, reference, job.learn, search, fluency_bound=job.fluency_bound,
                                     fluency_prompts=job.fluency_probes, fluency_tokens=job.fluency_tokens,
                                     spread_keys=job.spread_keys, log=log)
@@ -116,7 +115,7 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
                 raise ValueError("give --counterfactual or --control probes, or an explicit --goal")
             goal = trainer.probe_hit_rate(control, None)
             log(f"control probes answered uncorrupted: {goal:.3f} (the goal)")
-        optimizer = ZerothOrderOptimizer(**step_size, mu=job.mu, max_steps=job.steps, target=job.tolerance,
+        optimizer = ZerothOrderOptimizer(lr=job.lr, mu=job.mu, max_steps=job.steps, target=job.tolerance,
                                          random_state=job.seed)
         result = trainer.train(job.score, data, goal, optimizer, initial, log=log)
         if job.score == "probes":

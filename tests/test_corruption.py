@@ -269,7 +269,7 @@ def _two_strength_goal(point: np.ndarray) -> Reading:
 
 
 def test_spsa_finds_the_smallest_strengths_that_meet_a_noisy_step_like_goal():
-    search = SPSASearch(max_steps=10, bisections=5, seed=3)
+    search = SPSASearch(lr=1.0, max_steps=10, bisections=5, seed=3)
     result = search.search(_two_strength_goal, [0.1, 0.1])
     assert result.met and _two_strength_goal(np.array(result.strengths)).meets
     bisections = [e for e in result.evaluations if e.phase == "bisection"]
@@ -280,7 +280,7 @@ def test_spsa_finds_the_smallest_strengths_that_meet_a_noisy_step_like_goal():
     # smallest on its ray: one bisection step above the largest scale that missed
     assert failed and effective(result.strengths) - max(failed) <= effective(met.strengths) / 2 ** 5 + 1e-9
     assert 1.29 <= effective(result.strengths) <= 1.31 + effective(met.strengths) / 2 ** 5
-    again = SPSASearch(max_steps=10, bisections=5, seed=3).search(_two_strength_goal, [0.1, 0.1])
+    again = SPSASearch(lr=1.0, max_steps=10, bisections=5, seed=3).search(_two_strength_goal, [0.1, 0.1])
     assert again.strengths == result.strengths and \
         [e.strengths for e in again.evaluations] == [e.strengths for e in result.evaluations]
 
