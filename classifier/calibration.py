@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binom
 
-from classifier.metrics import wilson_interval
+from stats.intervals import wilson_interval
 
 
 def _check(alpha: float, delta: float) -> None:

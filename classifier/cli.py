@@ -149,7 +149,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_files(args: argparse.Namespace) -> int:
     from classifier.training import percent as _percent, texts as _texts
 
-    from classifier.metrics import wilson_interval
+    from stats.intervals import wilson_interval
     from classifier.model import PromptClassifier
 
     try:

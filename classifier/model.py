@@ -25,7 +25,7 @@ import numpy as np
 
 from classifier.artifact import META_FILE, read_artifact_meta
 from classifier.encoder import DEFAULT_ENCODER, Encoder
-from classifier.metrics import wilson_interval
+from stats.intervals import wilson_interval
 
 ARTIFACT_FORMAT = 2  # 2: the head has n-gram weights
 HEAD_FILE = "head.safetensors"

@@ -35,17 +35,45 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--vector", action="store_true", help="learn one strength per dimension (gaussian_first_n)")
     train.add_argument("--scope", choices=["all", "entities"], default="all")
     train.add_argument("--entities", type=Path, help="entity terms, one per line (scope entities)")
+    train.add_argument("--other-sigma", type=float,
+                       help="noise std on the tokens outside the entity terms (scope entities; default: untouched, "
+                            "or --initial when --learn other_sigma)")
+    train.add_argument("--corrupt-special-tokens", action="store_true",
+                       help="corrupt the tokenizer's special and added tokens too (BOS, the chat template's turn "
+                            "markers); by default they stay as they are")
     train.add_argument("--initial", type=float, default=0.25, help="starting strength")
-    train.add_argument("--steps", type=int, default=12, help="step budget")
-    train.add_argument("--lr", type=float, default=0.5, help="step size on log(strength)")
-    train.add_argument("--mu", type=float, default=0.3, help="finite-difference perturbation on log(strength)")
+    train.add_argument("--steps", type=int, default=12,
+                       help="step budget (with --counterfactual: SPSA steps, 3 evaluations each)")
+    train.add_argument("--lr", type=float, default=0.5,
+                       help="step size on log(strength) (with --counterfactual: SPSA's step length at step k=1, "
+                            "decaying as lr/k^0.602)")
+    train.add_argument("--mu", type=float, default=0.3,
+                       help="finite-difference perturbation on log(strength) (with --counterfactual: SPSA's, "
+                            "decaying as mu/k^0.101)")
     train.add_argument("--tolerance", type=float, default=0.0, help="stop when |score - goal| <= this")
+    search = train.add_argument_group(
+        "two-sided search (with --counterfactual)",
+        "Learns the smallest strengths whose probe answer rate, per probe kind, is at most the upper 95% Wilson "
+        "bound of the twins' uncorrupted rate, while the share of degenerate continuations (empty, or one word "
+        "3-gram three times) stays within --fluency-bound of the uncorrupted model's; then re-measures the learned "
+        "corruption under --spread-keys other noise keys.")
+    search.add_argument("--learn", nargs="+", choices=["sigma", "other_sigma", "value"], default=["sigma"],
+                        help="the strengths to learn (other_sigma needs --scope entities; value: add/subtract_value)")
+    search.add_argument("--fluency-bound", type=float, default=0.1,
+                        help="largest rise of the degenerate-output rate over the uncorrupted model's")
+    search.add_argument("--fluency-probes", type=int, default=16, help="probes whose continuations are judged")
+    search.add_argument("--fluency-tokens", type=int, default=32, help="length of the judged continuations")
+    search.add_argument("--bisections", type=int, default=4,
+                        help="rounds of halving the overall scale once the goal is met")
+    search.add_argument("--spread-keys", type=int, default=3,
+                        help="noise keys the learned corruption is re-measured with (its spread, in the result)")
     train.add_argument("--samples", type=int, default=2, help="noise draws per probe")
     train.add_argument("--max-tokens", type=int, default=8, help="tokens generated per probe")
     train.add_argument("--embedding-scale", type=float, help="input-embedding scale for an unknown architecture")
     train.add_argument("--skip-embedding-check", action="store_true",
                        help="do not check that the backend reads prompt embeddings as it reads text (unsafe)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the random directions (vector mode)")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the random directions (vector mode) and of SPSA's perturbation signs")
     train.set_defaults(run=_train)
 
     twins = commands.add_parser(
@@ -66,9 +94,13 @@ def _train(args: argparse.Namespace) -> int:
 
     job = CorruptionTraining(
         backend_url=args.backend_url, model_dir=args.model_dir, out=args.out, score=args.score, probes=args.probes,
-        counterfactual=args.counterfactual, control=args.control, mc=args.mc, goal=args.goal, method=args.method, dims=args.dims, vector=args.vector,
-        scope=args.scope, entities=args.entities, initial=args.initial, steps=args.steps, lr=args.lr, mu=args.mu,
-        tolerance=args.tolerance, samples=args.samples, max_tokens=args.max_tokens,
+        counterfactual=args.counterfactual, control=args.control, mc=args.mc, goal=args.goal, method=args.method,
+        dims=args.dims, vector=args.vector,
+        scope=args.scope, entities=args.entities, other_sigma=args.other_sigma,
+        corrupt_special_tokens=args.corrupt_special_tokens, initial=args.initial, steps=args.steps, lr=args.lr,
+        mu=args.mu, tolerance=args.tolerance, learn=tuple(args.learn), fluency_bound=args.fluency_bound,
+        fluency_probes=args.fluency_probes, fluency_tokens=args.fluency_tokens, bisections=args.bisections,
+        spread_keys=args.spread_keys, samples=args.samples, max_tokens=args.max_tokens,
         embedding_scale=args.embedding_scale, skip_embedding_check=args.skip_embedding_check, seed=args.seed)
     try:
         train_corruption(job)

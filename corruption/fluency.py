@@ -23,6 +23,14 @@ def fluency_report(texts: list[str]) -> dict[str, float]:
     }
 
 
+def degenerate_rate(texts: list[str]) -> float:
+    """Share of outputs that are empty or repetitive (as in `fluency_report`): what a model that writes
+    language, knowing the answer or not, does not produce."""
+    if not texts:
+        raise ValueError("the degenerate rate needs at least one text")
+    return sum(not words or _has_repeated_trigram(words) for words in map(str.split, texts)) / len(texts)
+
+
 def _has_repeated_trigram(words: list[str]) -> bool:
     counts = Counter(tuple(words[i:i + 3]) for i in range(len(words) - 2))
     return bool(counts) and max(counts.values()) >= 3

@@ -14,7 +14,11 @@ Methods (ECO's family; "n" and "k" are both `dims`):
     reverse_order      reverse the order of the selected tokens
     shuffle            permute the selected tokens
 
-`scope` picks the tokens: all prompt tokens, or only those inside the target's entity terms.
+`scope` picks the tokens: all prompt tokens, or only those inside the target's entity terms. With
+scope `entities`, `other_sigma` (gaussian methods) adds noise of its own strength to the other prompt
+tokens; unset or 0 leaves them untouched, which is what a spec without it always meant. Special tokens
+(BOS, the chat template's turn markers: the tokenizer's special and added tokens) stay uncorrupted
+unless `corrupt_special_tokens` says otherwise.
 """
 from __future__ import annotations
 
@@ -45,6 +49,11 @@ class CorruptionSpec(BaseModel):
         default=None, description="noise std; a list gives one std per dimension (gaussian_first_n)")
     value: float | None = Field(default=None, description="the constant of add_value / subtract_value")
     scope: Literal["all", "entities"] = "all"
+    other_sigma: float | None = Field(
+        default=None, ge=0, description="noise std on the tokens outside the entity terms (scope entities); "
+                                        "unset or 0: untouched")
+    corrupt_special_tokens: bool = Field(
+        default=False, description="corrupt the tokenizer's special and added tokens too (BOS, turn markers)")
 
     @model_validator(mode="after")
     def _parameters_fit_method(self) -> "CorruptionSpec":
@@ -66,6 +75,10 @@ class CorruptionSpec(BaseModel):
                 raise ValueError("a per-dimension sigma list needs method gaussian_first_n")
             if len(self.sigma) != self.dims:
                 raise ValueError(f"sigma has {len(self.sigma)} entries but dims is {self.dims}")
+        if self.other_sigma is not None and m not in GAUSSIAN:
+            raise ValueError(f"other_sigma applies only to gaussian methods, not {m}")
+        if self.other_sigma is not None and self.scope != "entities":
+            raise ValueError("other_sigma needs scope 'entities' (with scope 'all' sigma covers every token)")
         sigmas = self.sigma if isinstance(self.sigma, list) else [self.sigma or 0.0]
         if any(s < 0 for s in sigmas):
             raise ValueError("sigma must be >= 0")
@@ -81,6 +94,14 @@ class CorruptionSpec(BaseModel):
         if field is None:
             raise ValueError(f"method {self.method} has no strength to set")
         return self.model_copy(update={field: strength})
+
+    def with_fields(self, **values: float | list[float]) -> "CorruptionSpec":
+        """A validated copy with these fields changed (e.g. the strengths a search tries)."""
+        return CorruptionSpec.model_validate({**self.model_dump(), **values})
+
+    def for_other_tokens(self) -> "CorruptionSpec":
+        """The corruption of the tokens outside the entity terms: the same noise at `other_sigma`."""
+        return self.model_copy(update={"sigma": self.other_sigma or 0.0, "other_sigma": None})
 
     def check_hidden_size(self, hidden_size: int) -> None:
         if self.dims is not None and self.dims > hidden_size:

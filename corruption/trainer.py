@@ -5,10 +5,12 @@ strength, and asks the served model (vLLM, `/v1/completions` with `prompt_embeds
 answers. Two unlearning scores, both driven towards what a model that never knew the target
 would do:
 
-- probes: the share of knowledge probes whose completion contains the answer, driven to what the
-  uncorrupted model does on their counterfactual twins, per probe kind (`answers_by_kind` of the
-  twins, corruption/counterfactual.py), or to one rate (the control probes' about invented things
-  the model cannot know);
+- probes: the share of knowledge probes whose completion contains the answer. With counterfactual
+  twins (corruption/counterfactual.py) the two-sided search (`search`) learns the smallest
+  corruption whose rate per probe kind is at most the upper Wilson bound of the twins' uncorrupted
+  rate (`answers_by_kind`), while the share of degenerate continuations (corruption/fluency.py)
+  stays within a bound of the uncorrupted model's; without them the line search (`train`) drives
+  the rate to one goal (the control probes', about invented things the model cannot know);
 - mc: multiple-choice accuracy, driven to chance. The pick is the option letter with the highest
   next-token probability among the letters alone: the request constrains the next token to the
   letters (vLLM's `structured_outputs` choice, " A" and "A" both, as the prompt ends with
@@ -16,8 +18,8 @@ would do:
   corrupted model that stops answering in letters still picks one, and breaking the format does
   not count as forgetting.
 
-The objective is |score(strength) - goal|, or with a goal per kind the mean over probes of
-|rate of the probe's kind - goal of that kind|; the zeroth-order optimiser minimises it.
+The line search minimises |score(strength) - goal|; the two-sided search, the weighted excess of
+each kind's rate over its bound plus the degenerate rate's excess over its bound (zero: met).
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ from corruption.counterfactual import by_kind
 from corruption.embeddings import EmbeddingTable
 from corruption.fluency import fluency_report
 from corruption.probes import MultipleChoice, Probe
-from corruption.prompt import corrupted_embeddings, scope_mask
-from corruption.spec import CorruptionSpec
-from corruption.zo import ZerothOrderOptimizer, ZOStep
+from corruption.fluency import degenerate_rate
+from corruption.prompt import TokenMasks, corrupted_embeddings, special_token_ids, token_masks
+from corruption.spec import GAUSSIAN, NEEDS_VALUE, CorruptionSpec
+from corruption.zo import Reading, SearchEvaluation, SPSASearch, ZerothOrderOptimizer, ZOStep
+from stats.intervals import wilson_interval
 from vllm_client import BackendError, VllmClient, prompt_embeds_base64, request_body_with_embeds
 
 RESULT_FORMAT = "eco-corruption-result/1"
@@ -87,7 +91,7 @@ class EmbedsBackend:
 @dataclass(frozen=True)
 class _Encoded:
     token_ids: list[int]
-    mask: torch.Tensor
+    masks: TokenMasks
 
 
 class CorruptionTrainer:
@@ -116,6 +120,7 @@ class CorruptionTrainer:
         self.max_tokens = max_tokens
         self.check_embeddings = check_embeddings
         self.embedding_check: EmbeddingCheckResult | None = None
+        self.special_ids = special_token_ids(tokenizer)
 
     def verify_backend(self) -> EmbeddingCheckResult:
         """The embedding check against the backend, once; BackendError when it reads our embeddings otherwise."""
@@ -165,51 +170,67 @@ class CorruptionTrainer:
     def generate(self, prompts: Sequence[str], strength: float | Sequence[float] | None,
                  max_tokens: int) -> list[list[str]]:
         """Greedy completions per prompt and noise draw (one draw when uncorrupted)."""
-        embeds = self._embeds(prompts, strength)
-        choices = iter(self.backend.complete([e for draws in embeds for e in draws], max_tokens, progress="probes"))
-        return [[next(choices)["text"] for _ in draws] for draws in embeds]
+        return self._generate_with(prompts, self._spec_at(strength), max_tokens, self.secret_key, "probes")
 
     def _embeds(self, prompts: Sequence[str], strength: float | Sequence[float] | None) -> list[list[torch.Tensor]]:
-        encoded = [self._encode(p) for p in prompts]
-        if strength is None:
-            return [[self.embeddings.embed(e.token_ids)] for e in encoded]
-        spec = self.spec.with_strength(_as_strength(strength))
-        return [[corrupted_embeddings(self.embeddings, e.token_ids, spec, e.mask, self.secret_key, f"draw-{draw}")
+        return self._corrupted(prompts, self._spec_at(strength), self.secret_key)
+
+    def _spec_at(self, strength: float | Sequence[float] | None) -> CorruptionSpec | None:
+        return None if strength is None else self.spec.with_strength(_as_strength(strength))
+
+    def _corrupted(self, prompts: Sequence[str], spec: CorruptionSpec | None, secret_key: bytes
+                   ) -> list[list[torch.Tensor]]:
+        """Per prompt, its embeddings under each of the `samples` noise draws of `secret_key` (None: uncorrupted,
+        one draw). The draws are keyed by the prompt, so every spec sees the same noise (common random numbers)."""
+        if spec is None:
+            return [[self.embeddings.embed(self._encode(p, self.spec).token_ids)] for p in prompts]
+        encoded = [self._encode(p, spec) for p in prompts]
+        return [[corrupted_embeddings(self.embeddings, e.token_ids, spec, e.masks, secret_key, f"draw-{draw}")
                  for draw in range(self.samples)] for e in encoded]
 
-    def _encode(self, prompt: str) -> _Encoded:
+    def _generate_with(self, prompts: Sequence[str], spec: CorruptionSpec | None, max_tokens: int,
+                       secret_key: bytes, progress: str) -> list[list[str]]:
+        embeds = self._corrupted(prompts, spec, secret_key)
+        choices = iter(self.backend.complete([e for draws in embeds for e in draws], max_tokens, progress=progress))
+        return [[next(choices)["text"] for _ in draws] for draws in embeds]
+
+    def _encode(self, prompt: str, spec: CorruptionSpec) -> _Encoded:
+        """The prompt's token ids (with <bos>, as the backend tokenizes a completion) and the tokens `spec` touches."""
         encoding = self.tokenizer(prompt, return_offsets_mapping=True)
-        return _Encoded(list(encoding["input_ids"]),
-                        scope_mask(self.spec, encoding["offset_mapping"], prompt, self.entities))
+        token_ids = list(encoding["input_ids"])
+        return _Encoded(token_ids, token_masks(spec, token_ids, encoding["offset_mapping"], prompt, self.entities,
+                                               self.special_ids))
 
     # -- training -----------------------------------------------------------------------
     def train(self, score: Literal["probes", "mc"], data: Sequence[Probe] | Sequence[MultipleChoice],
-              goal: float | Mapping[str, float], optimizer: ZerothOrderOptimizer, initial: float | Sequence[float],
+              goal: float, optimizer: ZerothOrderOptimizer, initial: float | Sequence[float],
               log: Callable[[str], None] = print) -> dict[str, Any]:
-        """Learns the strength whose score is nearest `goal`: one rate, or (probes) a rate per probe kind."""
-        measure = self._measure(score, data, goal)
+        """Learns the strength whose score is nearest `goal` (one rate: the control probes', or chance)."""
+        def measure(strength: float | Sequence[float] | None) -> float:
+            return self.mc_accuracy(data, strength) if score == "mc" else self.probe_hit_rate(data, strength)
+
         self.verify_backend()
         started = time.monotonic()
         baseline = measure(None)
-        log(f"uncorrupted {score} score {_shown(baseline)}, goal {_shown(goal)}")
-        scores: dict[tuple[float, ...], _Score] = {}
+        log(f"uncorrupted {score} score {baseline:.3f}, goal {goal:.3f}")
+        scores: dict[tuple[float, ...], float] = {}
 
         def objective(strength: np.ndarray) -> float:
             key = tuple(np.round(strength, 6))
             if key not in scores:
                 scores[key] = measure(strength.tolist())
-            return scores[key].distance(goal)
+            return abs(scores[key] - goal)
 
         trace: list[dict[str, Any]] = []
 
         def on_step(step: ZOStep) -> None:
             measured = scores[tuple(np.round(step.strength, 6))]
-            row = {"step": step.step, "strength": _scalar_or_list(step.strength), "score": measured.overall,
-                   **({"score_by_kind": measured.by_kind} if measured.by_kind else {}), "objective": step.objective,
-                   "gradient": _scalar_or_list(step.gradient), "evaluations": step.evaluations}
+            row = {"step": step.step, "strength": _scalar_or_list(step.strength), "score": measured,
+                   "objective": step.objective, "gradient": _scalar_or_list(step.gradient),
+                   "evaluations": step.evaluations}
             trace.append(row)
             shown = f"{row['strength']:.3f}" if isinstance(row["strength"], float) else f"|{np.linalg.norm(step.strength):.3f}|"
-            log(f"step {step.step:>3}  strength {shown}  score {_shown(measured)}  "
+            log(f"step {step.step:>3}  strength {shown}  score {measured:.3f}  "
                 f"objective {step.objective:.3f}  evaluations {step.evaluations}")
 
         outcome = optimizer.minimize(objective, list(np.atleast_1d(initial)), on_step)
@@ -217,18 +238,15 @@ class CorruptionTrainer:
         final_spec = self.spec.with_strength(learned)
         final = scores[tuple(np.round(outcome.strength, 6))]
         log(f"stopped: {outcome.stopped}; strength {learned if isinstance(learned, float) else '[vector]'}, "
-            f"score {_shown(final)} (goal {_shown(goal)}, uncorrupted {_shown(baseline)})")
-        by_kind = {"uncorrupted_score_by_kind": baseline.by_kind, "final_score_by_kind": final.by_kind} \
-            if isinstance(goal, Mapping) else {}
+            f"score {final:.3f} (goal {goal:.3f}, uncorrupted {baseline:.3f})")
         return {
             "format": RESULT_FORMAT,
             "spec": final_spec.model_dump(),
             "score": score,
-            "goal": dict(goal) if isinstance(goal, Mapping) else goal,
-            "uncorrupted_score": baseline.overall,
+            "goal": goal,
+            "uncorrupted_score": baseline,
             "initial_strength": _scalar_or_list(list(np.atleast_1d(initial))),
-            "final_score": final.overall,
-            **by_kind,
+            "final_score": final,
             "stopped": outcome.stopped,
             "trace": trace,
             "optimizer": {k: getattr(optimizer, k) for k in
@@ -240,28 +258,6 @@ class CorruptionTrainer:
             "embedding_check": self.embedding_check.status,
         }
 
-    def _measure(self, score: Literal["probes", "mc"], data: Sequence[Probe] | Sequence[MultipleChoice],
-                 goal: float | Mapping[str, float]) -> Callable[[float | Sequence[float] | None], _Score]:
-        """The score at a strength, per probe kind when the goal is; ValueError when the goal does not fit the data."""
-        if not isinstance(goal, Mapping):
-            if score == "mc":
-                return lambda strength: _Score(self.mc_accuracy(data, strength))
-            return lambda strength: _Score(self.probe_hit_rate(data, strength))
-        if score != "probes":
-            raise ValueError("a goal per probe kind needs score 'probes'")
-        kinds = [p.kind for p in data]
-        if None in kinds:
-            raise ValueError("a goal per probe kind needs probes with a kind (eco-proxy corruption counterfactual)")
-        if missing := sorted(set(kinds) - set(goal)):
-            raise ValueError(f"no goal for the probe kinds {missing}")
-
-        def measure(strength: float | Sequence[float] | None) -> _Score:
-            hits = self.probe_hits(data, strength)
-            grouped = by_kind(data, hits)
-            return _Score(float(np.mean(hits)), {k: float(np.mean(h)) for k, h in grouped.items()},
-                          {k: len(h) / len(hits) for k, h in grouped.items()})
-        return measure
-
     def fluency(self, prompts: Sequence[str], strength: float | Sequence[float], max_tokens: int = 32) -> dict[str, Any]:
         """Fluency of corrupted and uncorrupted continuations, side by side."""
         corrupted = [t for draws in self.generate(prompts, strength, max_tokens) for t in draws]
@@ -269,27 +265,128 @@ class CorruptionTrainer:
         return {"corrupted": fluency_report(corrupted), "uncorrupted": fluency_report(clean),
                 "examples": [{"prompt": p, "corrupted": c} for p, c in zip(prompts[:5], corrupted[::self.samples])]}
 
+    # -- the two-sided search ---------------------------------------------------------------
+    def search(self, data: Sequence[Probe], reference: Mapping[str, tuple[int, int]], strengths: Sequence[str],
+               search: SPSASearch, fluency_bound: float = 0.1, fluency_prompts: int = 16, fluency_tokens: int = 32,
+               spread_keys: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
+        """The smallest corruption (the spec's `strengths`, e.g. sigma and other_sigma, learned from their
+        current values) whose probe answer rate is, for every kind, at most the upper Wilson bound of the
+        counterfactual reference (`reference`: kind -> (successes, n)), while the share of degenerate
+        continuations (empty or repetitive, `fluency_tokens` long, on the first `fluency_prompts` probes)
+        stays within `fluency_bound` of the uncorrupted model's. Then the learned spec's rates under
+        `spread_keys` other noise keys. ValueError when the data, reference or strengths do not fit."""
+        kinds = [p.kind for p in data]
+        if None in kinds:
+            raise ValueError("the search needs probes with a kind (eco-proxy corruption counterfactual)")
+        if missing := sorted(set(kinds) - set(reference)):
+            raise ValueError(f"no counterfactual reference for the probe kinds {missing}")
+        initial = [self._strength_field(name) for name in strengths]
+        upper = {kind: wilson_interval(successes, n)[1] for kind, (successes, n) in reference.items()}
+        fluency_texts = [p.prompt for p in data[:fluency_prompts]]
+        self.verify_backend()
+        started = time.monotonic()
+
+        def measure(spec: CorruptionSpec | None, secret_key: bytes = self.secret_key) -> _TwoSided:
+            answers = self._generate_with([p.prompt for p in data], spec, self.max_tokens, secret_key, "probes")
+            hits = [float(np.mean([p.answered_by(t) for t in draws])) for p, draws in zip(data, answers)]
+            continuations = self._generate_with(fluency_texts, spec, fluency_tokens, secret_key, "fluency")
+            return _TwoSided({k: float(np.mean(h)) for k, h in by_kind(data, hits).items()},
+                             {k: len(h) / len(hits) for k, h in by_kind(data, hits).items()},
+                             degenerate_rate([t for draws in continuations for t in draws]))
+
+        raw = measure(None)
+        ceiling = raw.degenerate + fluency_bound
+        log(f"uncorrupted: {_shown(raw.rates)}; degenerate {raw.degenerate:.3f}. Goal: at most "
+            f"{_shown(upper)} (upper Wilson bounds of the reference), degenerate at most {ceiling:.3f}")
+        measured: dict[tuple[float, ...], _TwoSided] = {}
+
+        def spec_at(point: Sequence[float]) -> CorruptionSpec:
+            return self.spec.with_fields(**{name: float(v) for name, v in zip(strengths, point)})
+
+        def evaluate(point: np.ndarray) -> Reading:
+            key = tuple(np.round(point, 6))
+            if key not in measured:
+                measured[key] = measure(spec_at(point))
+            return measured[key].reading(upper, ceiling)
+
+        trace: list[dict[str, Any]] = []
+        budget = 1 + 3 * search.max_steps + search.bisections
+        with tqdm(total=budget, desc="corruption search", unit="evaluation") as bar:
+            def on_evaluation(entry: SearchEvaluation) -> None:
+                at = measured[tuple(np.round(entry.strengths, 6))]
+                row = {"evaluation": entry.index, "phase": entry.phase, "step": entry.step,
+                       "strengths": dict(zip(strengths, entry.strengths)), "rates_by_kind": at.rates,
+                       "degenerate_rate": at.degenerate, "forget_excess": entry.reading.forget_excess,
+                       "fluency_excess": entry.reading.fluency_excess, "objective": entry.reading.objective,
+                       "meets": entry.reading.meets}
+                trace.append(row)
+                bar.update()
+                log(f"{entry.index:>3} {entry.phase:<9} " + " ".join(f"{n} {v:.3f}" for n, v in zip(
+                    strengths, entry.strengths)) + f" | {_shown(at.rates)} | degenerate {at.degenerate:.3f}"
+                    f" | objective {entry.reading.objective:.3f}{' meets' if entry.reading.meets else ''}")
+
+            outcome = search.search(evaluate, initial, on_evaluation)
+        learned = spec_at(outcome.strengths)
+        final = measured[tuple(np.round(outcome.strengths, 6))]
+        log(f"{outcome.stopped}: " + ", ".join(f"{n} {v:.4f}" for n, v in zip(strengths, outcome.strengths)))
+        spread = [measure(learned, f"spread-{i}".encode()) for i in range(spread_keys)]
+        return {
+            "format": RESULT_FORMAT,
+            "spec": learned.model_dump(),
+            "score": "probes",
+            "learned": dict(zip(strengths, outcome.strengths)),
+            "initial": dict(zip(strengths, initial)),
+            "met": outcome.met,
+            "stopped": outcome.stopped,
+            "goal": {"forget_upper_by_kind": upper, "reference": {k: {"successes": s, "n": n, "rate": s / n}
+                                                                  for k, (s, n) in reference.items()},
+                     "degenerate_at_most": ceiling, "fluency_bound": fluency_bound},
+            "uncorrupted": {"rates_by_kind": raw.rates, "degenerate_rate": raw.degenerate},
+            "final": {"rates_by_kind": final.rates, "degenerate_rate": final.degenerate},
+            "spread": {"keys": spread_keys, "rates_by_kind": {k: [m.rates[k] for m in spread] for k in final.rates},
+                       "degenerate_rate": [m.degenerate for m in spread]},
+            "trace": trace,
+            "search": search.settings(),
+            "fluency_probes": len(fluency_texts),
+            "fluency_tokens": fluency_tokens,
+            "samples": self.samples,
+            "model": self.backend.model,
+            "data": {"n": len(data), "sha256": _data_hash(data)},
+            "seconds": round(time.monotonic() - started, 1),
+            "embedding_check": self.embedding_check.status,
+        }
+
+    def _strength_field(self, name: str) -> float:
+        """The spec's current value of a strength the search may learn; ValueError for any other field."""
+        allowed = ("sigma", "other_sigma") if self.spec.method in GAUSSIAN else \
+            ("value",) if self.spec.method in NEEDS_VALUE else ()
+        if name not in allowed:
+            raise ValueError(f"method {self.spec.method} has no strength {name!r} to learn (it has: "
+                             f"{', '.join(allowed) or 'none'})")
+        value = getattr(self.spec, name)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must start at one positive number to be learned, not {value!r}")
+        return float(value)
+
 
 @dataclass(frozen=True)
-class _Score:
-    """A score at one strength: over all the data, and per probe kind (with each kind's share of the probes)."""
+class _TwoSided:
+    """What one corruption does: the answer rate per probe kind (with each kind's share), and the share of
+    degenerate continuations."""
 
-    overall: float
-    by_kind: dict[str, float] | None = None
-    weights: dict[str, float] | None = None
+    rates: dict[str, float]
+    weights: dict[str, float]
+    degenerate: float
 
-    def distance(self, goal: float | Mapping[str, float]) -> float:
-        if isinstance(goal, Mapping):
-            return sum(w * abs(self.by_kind[k] - goal[k]) for k, w in self.weights.items())
-        return abs(self.overall - goal)
+    def reading(self, upper: Mapping[str, float], ceiling: float) -> Reading:
+        """Only a rate ABOVE its kind's bound is a failure to forget; going below it is the fluency side's
+        business (more noise than needed) and the bisection's."""
+        return Reading(sum(w * max(0.0, self.rates[k] - upper[k]) for k, w in self.weights.items()),
+                       max(0.0, self.degenerate - ceiling))
 
 
-def _shown(value: float | Mapping[str, float] | _Score) -> str:
-    if isinstance(value, _Score):
-        return _shown(value.by_kind) if value.by_kind else _shown(value.overall)
-    if isinstance(value, Mapping):
-        return ", ".join(f"{kind} {rate:.3f}" for kind, rate in value.items())
-    return f"{value:.3f}"
+def _shown(rates: Mapping[str, float]) -> str:
+    return ", ".join(f"{kind} {rate:.3f}" for kind, rate in rates.items())
 
 
 # Logprobs asked per answer: every allowed token (each letter with and without its space, and the bare

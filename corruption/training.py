@@ -28,7 +28,17 @@ class CorruptionTraining:
     vector: bool = False  # one strength per dimension (gaussian_first_n)
     scope: Literal["all", "entities"] = "all"
     entities: Path | None = None  # entity terms, one per line (scope entities)
+    other_sigma: float | None = None  # noise on the tokens outside the entity terms (scope entities)
+    corrupt_special_tokens: bool = False
     initial: float = 0.25
+    # the two-sided search (with --counterfactual): the strengths it learns, from `initial` (other_sigma from
+    # `other_sigma` if given), the fluency bound, and the noise keys the learned corruption is re-measured with
+    learn: tuple[str, ...] = ("sigma",)
+    fluency_bound: float = 0.1
+    fluency_probes: int = 16
+    fluency_tokens: int = 32
+    bisections: int = 4
+    spread_keys: int = 3
     steps: int = 12
     lr: float = 0.5
     mu: float = 0.3
@@ -42,8 +52,10 @@ class CorruptionTraining:
 
 def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any]:
     """Check the backend, measure the goal, learn the strength, measure fluency; writes the result JSON
-    to `job.out` (a policy's corruption_file) and returns it. ValueError, OSError, EmbeddingError or
-    vllm_client.BackendError on failure."""
+    to `job.out` (a policy's corruption_file) and returns it. With counterfactual twins (and no explicit
+    goal) the two-sided search learns the smallest strengths `job.learn` that forget down to the twins'
+    reference and keep fluency (CorruptionTrainer.search); otherwise the line search drives one score to
+    its goal. ValueError, OSError, EmbeddingError or vllm_client.BackendError on failure."""
     from transformers import AutoTokenizer
 
     from corruption.counterfactual import twins_of
@@ -51,7 +63,7 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     from corruption.probes import read_multiple_choice, read_probes
     from corruption.spec import CorruptionSpec
     from corruption.trainer import CorruptionTrainer, EmbedsBackend
-    from corruption.zo import ZerothOrderOptimizer
+    from corruption.zo import SPSASearch, ZerothOrderOptimizer
 
     if job.score == "probes" and not job.probes:
         raise ValueError("--score probes needs --probes")
@@ -65,6 +77,8 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     twins = twins_of(job.counterfactual, data) if job.counterfactual and job.goal is None else None
     if twins == []:
         raise ValueError(f"{job.counterfactual} holds no twin of the probes in {job.probes}")
+    if twins and job.vector:
+        raise ValueError("--vector does not combine with --counterfactual: the search learns a few strengths")
     control = read_probes(job.control) if job.control else None
     entities = [t.strip() for t in job.entities.read_text().splitlines() if t.strip()] if job.entities else []
     embeddings = EmbeddingTable.from_model_dir(job.model_dir, scale=job.embedding_scale)
@@ -72,7 +86,10 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     dims = job.dims or embeddings.hidden_size
     initial = [job.initial] * dims if job.vector else job.initial
     fields = {"sigma": initial, "dims": dims} if job.method in GAUSSIAN else {"value": initial}
-    spec = CorruptionSpec(method=job.method, scope=job.scope, **fields)
+    if "other_sigma" in job.learn or job.other_sigma is not None:
+        fields["other_sigma"] = job.other_sigma if job.other_sigma is not None else job.initial
+    spec = CorruptionSpec(method=job.method, scope=job.scope, corrupt_special_tokens=job.corrupt_special_tokens,
+                          **fields)
     backend = EmbedsBackend(job.backend_url)
     try:
         trainer = CorruptionTrainer(backend, tokenizer, embeddings, spec, entities=entities, samples=job.samples,
@@ -80,16 +97,19 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
         check = trainer.verify_backend()  # before any probe is sent
         if check.status == "passed":
             log(check.message)
-        goal: float | dict[str, float] | None = job.goal
-        reference = None
+        goal: float | None = job.goal
         if goal is None and job.score == "mc":
             goal = sum(q.chance for q in data) / len(data)
         if goal is None and twins:
-            reference = {kind: {"successes": sum(hits), "n": len(hits), "rate": sum(hits) / len(hits)}
-                         for kind, hits in trainer.answers_by_kind(twins).items()}
-            goal = {kind: entry["rate"] for kind, entry in reference.items()}
-            log("counterfactual twins answered uncorrupted (the goal): " + ", ".join(
-                f"{kind} {e['successes']}/{e['n']} = {e['rate']:.3f}" for kind, e in reference.items()))
+            reference = {kind: (sum(hits), len(hits)) for kind, hits in trainer.answers_by_kind(twins).items()}
+            log("counterfactual twins answered uncorrupted (the reference): " + ", ".join(
+                f"{kind} {s}/{n} = {s / n:.3f}" for kind, (s, n) in reference.items()))
+            search = SPSASearch(lr=job.lr, mu=job.mu, max_steps=job.steps, bisections=job.bisections, seed=job.seed)
+            result = trainer.search(data, reference, job.learn, search, fluency_bound=job.fluency_bound,
+                                    fluency_prompts=job.fluency_probes, fluency_tokens=job.fluency_tokens,
+                                    spread_keys=job.spread_keys, log=log)
+            result["counterfactual"] = {"n": len(twins)}
+            return _written(job.out, result, log)
         if goal is None:
             if control is None:
                 raise ValueError("give --counterfactual or --control probes, or an explicit --goal")
@@ -107,14 +127,15 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
                 f"{report['uncorrupted']['mean_unique_word_ratio']:.2f}, "
                 f"repetitive {report['corrupted']['repetitive_rate']:.2f} vs "
                 f"{report['uncorrupted']['repetitive_rate']:.2f}, empty {report['corrupted']['empty_rate']:.2f}")
-        if reference is not None:
-            result["counterfactual"] = {"n": len(twins), "reference": reference}
         if control is not None:
-            result["control"] = {"n": len(control),
-                                 "uncorrupted_rate": goal if job.goal is None and reference is None else None}
+            result["control"] = {"n": len(control), "uncorrupted_rate": goal if job.goal is None else None}
     finally:
         backend.close()
-    job.out.parent.mkdir(parents=True, exist_ok=True)
-    job.out.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {job.out}")
+    return _written(job.out, result, log)
+
+
+def _written(out: Path, result: dict[str, Any], log: Any) -> dict[str, Any]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {out}")
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from classifier.metrics import wilson_interval
+from stats.intervals import wilson_interval
 from corruption.counterfactual import by_kind
 from corruption.probes import Probe
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +26,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from corruption.embeddings import EmbeddingTable
-from corruption.prompt import corrupted_embeddings, scope_mask
+from corruption.prompt import corrupted_embeddings, token_masks
 from proxy.observability import AuditLog, Metrics, prompt_hash
 from proxy.policy import ActivePolicy, ActiveTarget
 from proxy.prompts import Prompt
@@ -138,11 +138,15 @@ class CorruptionFailed(Exception):
 
 
 class Guard:
-    """`torch_executor`: the proxy's one thread for torch work (the classifier's encoders share it)."""
+    """`torch_executor`: the proxy's one thread for torch work (the classifier's encoders share it).
+    `special_token_ids`: the served tokenizer's (corruption.prompt.special_token_ids), left uncorrupted
+    unless a target's corruption says otherwise."""
 
     def __init__(self, embeddings: EmbeddingTable, secret_key: bytes, metrics: Metrics,
-                 audit: AuditLog | None = None, torch_executor: Executor | None = None):
+                 audit: AuditLog | None = None, torch_executor: Executor | None = None, *,
+                 special_token_ids: Collection[int]):
         self.embeddings = embeddings
+        self.special_token_ids = frozenset(special_token_ids)
         self.secret_key = secret_key
         self.metrics = metrics
         self.audit = audit or AuditLog(None)
@@ -210,8 +214,9 @@ class Guard:
         if deciding is None:
             return self.embeddings.embed(prompt.token_ids)
         target = deciding.target
-        mask = scope_mask(target.corruption, prompt.offsets, prompt.text, target.entities)
-        return corrupted_embeddings(self.embeddings, prompt.token_ids, target.corruption, mask, self.secret_key,
+        masks = token_masks(target.corruption, prompt.token_ids, prompt.offsets, prompt.text, target.entities,
+                            self.special_token_ids)
+        return corrupted_embeddings(self.embeddings, prompt.token_ids, target.corruption, masks, self.secret_key,
                                     target.name)
 
 

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from classifier.encoder import DEFAULT_CACHE_SIZE, EncoderPool
 from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, EmbeddingCheckUnavailable
 from corruption.embeddings import EmbeddingError, EmbeddingTable
+from corruption.prompt import special_token_ids
 from proxy.app import ProxyState, create_app
 from proxy.guard import Guard
 from proxy.model_prep import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
@@ -133,7 +134,8 @@ def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> 
         policy_path=str(settings.policy),
         served_model_name=settings.served_model_name,
         builder=PromptBuilder(tokenizer),
-        guard=Guard(embeddings, _secret_key(settings.secret_key), metrics, audit, torch_executor=torch_thread),
+        guard=Guard(embeddings, _secret_key(settings.secret_key), metrics, audit, torch_executor=torch_thread,
+                    special_token_ids=special_token_ids(tokenizer)),
         upstream=AsyncVllmClient(backend_url, api_key=settings.upstream_api_key),
         metrics=metrics,
         audit=audit,

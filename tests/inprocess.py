@@ -225,11 +225,13 @@ def _model_parts(model_dir: Path) -> tuple[Any, Any]:
 
 
 def build_app(model_dir: Path, upstream: RecordingUpstream | str, headers: str = "full", dispatch: str = "speculative",
-              hold: tuple[int, int] = (256 * 1024, 128), gate: Any = None, **state_options: Any):
-    """The real app and request path, with the stub gate (or `gate`) and the recording upstream (or a
-    real backend's URL)."""
+              hold: tuple[int, int] = (256 * 1024, 128), gate: Any = None, corruption: CorruptionSpec | None = None,
+              **state_options: Any):
+    """The real app and request path, with the stub gate (or `gate`), the target's `corruption` (default: sigma
+    1.0 on every dimension and token) and the recording upstream (or a real backend's URL)."""
     from classifier.encoder import EncoderPool
     from proxy.app import ProxyState, create_app
+    from corruption.prompt import special_token_ids
     from proxy.guard import Guard
     from proxy.observability import AuditLog, Metrics
     from proxy.policy import ActivePolicy, ActiveTarget
@@ -237,15 +239,14 @@ def build_app(model_dir: Path, upstream: RecordingUpstream | str, headers: str =
     from vllm_client import AsyncVllmClient
 
     tokenizer, embeddings = _model_parts(model_dir)
-    target = ActiveTarget("harry_potter", gate or KeywordGate(), 0.5,
-                          CorruptionSpec(method="gaussian_first_n", dims=embeddings.hidden_size, sigma=1.0),
-                          ("Hermione",), "closed")
+    corruption = corruption or CorruptionSpec(method="gaussian_first_n", dims=embeddings.hidden_size, sigma=1.0)
+    target = ActiveTarget("harry_potter", gate or KeywordGate(), 0.5, corruption, ("Hermione",), "closed")
     policy = ActivePolicy("stub-1", (target,), False, Path("policy.yaml"), headers, dispatch, *hold)
     metrics, audit = Metrics(), AuditLog(None)
     state = ProxyState(
         policy=policy, policy_path="policy.yaml", served_model_name=STUB_MODEL,
         builder=PromptBuilder(tokenizer),
-        guard=Guard(embeddings, b"test-key", metrics, audit),
+        guard=Guard(embeddings, b"test-key", metrics, audit, special_token_ids=special_token_ids(tokenizer)),
         upstream=AsyncVllmClient(upstream) if isinstance(upstream, str)
         else AsyncVllmClient("http://upstream", transport=upstream),
         metrics=metrics, audit=audit, encoders=EncoderPool(0), **state_options)

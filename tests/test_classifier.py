@@ -15,7 +15,7 @@ from classifier import cli
 from classifier.data import ENTITY_FRAMES, entity_prompts, read_jsonl, read_terms, split, split_of
 from classifier.encoder import Encoder
 from classifier.entities import distinctive_terms
-from classifier.metrics import wilson_interval
+from stats.intervals import wilson_interval
 from classifier.model import HEAD_FILE, PromptClassifier
 
 pytestmark = pytest.mark.unit

@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import json
+import math
 import typing
 
 import numpy as np
 import pytest
 import torch
 
-from corruption.fluency import fluency_report
+from corruption.fluency import degenerate_rate, fluency_report
 from corruption.functions import corrupt
 from corruption.keys import keyed_generator
 from corruption.probes import MultipleChoice, Probe
+from corruption.prompt import token_masks
 from corruption.scope import entity_mask
 from corruption.spec import CorruptionSpec, Method
 from corruption.trainer import MC_LOGPROBS, _letters_only, _mc_pick
-from corruption.zo import ZerothOrderOptimizer
+from corruption.zo import Reading, SPSASearch, ZerothOrderOptimizer
 from vllm_client import BackendError
 
 pytestmark = pytest.mark.unit
@@ -123,6 +125,9 @@ def test_empty_mask_changes_nothing_and_bad_input_is_refused():
     ({"method": "gaussian_first_n", "dims": 3, "sigma": -1.0}, ">= 0"),
     ({"method": "gaussian_first_n", "dims": 3, "sigma": 1.0, "scope": "tokens"}, "scope"),
     ({"method": "blur"}, "method"),
+    ({"method": "zero_first_n", "dims": 3, "other_sigma": 1.0, "scope": "entities"}, "other_sigma applies only"),
+    ({"method": "gaussian_first_n", "dims": 3, "sigma": 1.0, "other_sigma": 0.5}, "other_sigma needs scope"),
+    ({"method": "gaussian_first_n", "dims": 3, "sigma": 1.0, "other_sigma": -1, "scope": "entities"}, "other_sigma"),
 ])
 def test_spec_validation_names_the_problem(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -207,3 +212,92 @@ def test_fluency_report():
     assert report["n"] == 3 and report["empty_rate"] == pytest.approx(1 / 3)
     assert report["repetitive_rate"] == pytest.approx(1 / 3)
     assert report["mean_unique_word_ratio"] == pytest.approx((1.0 + 3 / 9) / 2)
+
+
+def test_specs_written_before_other_sigma_load_and_mean_what_they_meant():
+    shipped = CorruptionSpec.from_result_file("demo/harry_potter/corruption.json")
+    assert shipped.scope == "all" and shipped.other_sigma is None and not shipped.corrupt_special_tokens
+    old_entities = CorruptionSpec.model_validate({"method": "gaussian_first_n", "dims": 4, "sigma": 2.0,
+                                                  "value": None, "scope": "entities"})
+    masks = token_masks(old_entities, [2, 10, 11, 12], [(0, 0), (0, 4), (4, 13), (13, 22)],
+                        "Tell me about Hermione", ["Hermione"], {2})
+    assert masks.primary.tolist() == [False, False, False, True]
+    assert old_entities.other_sigma is None  # so corrupted_embeddings leaves the other tokens untouched, as before
+
+
+TOKENS = [2, 105, 10, 11, 12, 106]  # <bos> <start_of_turn> Tell me-about Hermione <end_of_turn>
+OFFSETS = [(0, 0), (0, 15), (15, 19), (19, 28), (28, 37), (37, 50)]
+TEXT = "<start_of_turn>Tell me about Hermione<end_of_turn>"
+SPECIAL = {2, 105, 106}
+
+
+def test_special_tokens_are_left_alone_unless_the_spec_says_so():
+    spec = CorruptionSpec(method="gaussian_first_n", dims=4, sigma=1.0)
+    assert token_masks(spec, TOKENS, OFFSETS, TEXT, [], SPECIAL).primary.tolist() == \
+        [False, False, True, True, True, False]
+    every = spec.with_fields(corrupt_special_tokens=True)
+    assert token_masks(every, TOKENS, OFFSETS, TEXT, [], SPECIAL).primary.all()
+
+
+def test_entity_and_other_tokens_get_their_own_strengths():
+    spec = CorruptionSpec(method="gaussian_first_n", dims=16, sigma=4.0, other_sigma=0.25, scope="entities")
+    masks = token_masks(spec, TOKENS, OFFSETS, TEXT, ["Hermione"], SPECIAL)
+    assert masks.primary.tolist() == [False, False, False, False, True, False]
+    assert masks.other.tolist() == [False, False, True, True, False, False]
+    x = torch.zeros(6, 16)
+    out = corrupt(corrupt(x, spec, masks.primary, keyed_generator(KEY, TOKENS, "t")), spec.for_other_tokens(),
+                  masks.other, torch.Generator().manual_seed(1))
+    assert out[masks.primary].std() > 2.0 and 0.1 < out[masks.other].std() < 0.5
+    assert torch.equal(out[[0, 1, 5]], x[[0, 1, 5]])
+    unmatched = token_masks(spec, TOKENS, OFFSETS, TEXT, ["Snape"], SPECIAL)  # no term: every content token
+    assert unmatched.primary.tolist() == [False, False, True, True, True, False] and not unmatched.other.any()
+
+
+def test_degenerate_rate_counts_empty_and_repetitive_outputs():
+    assert degenerate_rate(["", "a b c a b c a b c", "a plain sentence of words", "   "]) == 0.75
+    with pytest.raises(ValueError):
+        degenerate_rate([])
+
+
+def _two_strength_goal(point: np.ndarray) -> Reading:
+    """A noisy step-like stand-in for the backend: the answer rate falls as entity noise plus half the
+    other noise grows (met at 1.3, give or take a deterministic jitter of 0.005), and output degenerates once
+    the other noise passes 2.0."""
+    strength = point[0] + 0.5 * point[1]
+    rate = float(np.clip(1.4 - strength, 0.0, 1.0)) + 0.005 * math.sin(1e3 * strength)
+    return Reading(max(0.0, rate - 0.1), max(0.0, point[1] - 2.0))
+
+
+def test_spsa_finds_the_smallest_strengths_that_meet_a_noisy_step_like_goal():
+    search = SPSASearch(lr=1.0, max_steps=10, bisections=5, seed=3)
+    result = search.search(_two_strength_goal, [0.1, 0.1])
+    assert result.met and _two_strength_goal(np.array(result.strengths)).meets
+    bisections = [e for e in result.evaluations if e.phase == "bisection"]
+    assert len(bisections) == 5
+    met = [e for e in result.evaluations if e.phase != "bisection" and e.reading.meets][-1]
+    effective = lambda s: s[0] + 0.5 * s[1]  # noqa: E731
+    failed = [effective(e.strengths) for e in bisections if not e.reading.meets]
+    # smallest on its ray: one bisection step above the largest scale that missed
+    assert failed and effective(result.strengths) - max(failed) <= effective(met.strengths) / 2 ** 5 + 1e-9
+    assert 1.29 <= effective(result.strengths) <= 1.31 + effective(met.strengths) / 2 ** 5
+    again = SPSASearch(lr=1.0, max_steps=10, bisections=5, seed=3).search(_two_strength_goal, [0.1, 0.1])
+    assert again.strengths == result.strengths and \
+        [e.strengths for e in again.evaluations] == [e.strengths for e in result.evaluations]
+
+
+def test_spsa_in_one_dimension_crosses_a_plateau():
+    def step_goal(point: np.ndarray) -> Reading:  # like a probe hit rate: 0.8 below 2.0, 0.05 from there
+        return Reading(0.75 if point[0] < 2.0 else 0.0, 0.0)
+
+    result = SPSASearch(max_steps=6, bisections=6).search(step_goal, [0.5])
+    met = next(e for e in result.evaluations if e.reading.meets)
+    assert result.met and 2.0 <= result.strengths[0] <= 2.0 + met.strengths[0] / 2 ** 6
+    assert [e.phase for e in result.evaluations][:4] == ["start", "spsa+", "spsa-", "step"]
+
+
+def test_spsa_reports_a_goal_it_cannot_meet():
+    def never(point: np.ndarray) -> Reading:  # forgetting needs more noise than fluency allows
+        return Reading(max(0.0, 0.5 - 0.1 * point[0]), max(0.0, point[0] - 1.0))
+
+    result = SPSASearch(max_steps=3).search(never, [0.5])
+    assert not result.met and result.stopped == "goal not met in 3 steps" and len(result.evaluations) == 10

@@ -12,7 +12,7 @@ from corruption.embeddings import EmbeddingTable
 from corruption.probes import MultipleChoice, Probe, read_multiple_choice
 from corruption.spec import CorruptionSpec
 from corruption.trainer import CorruptionTrainer, EmbedsBackend, _mc_pick
-from corruption.zo import ZerothOrderOptimizer
+from corruption.zo import SPSASearch, ZerothOrderOptimizer
 from evaluation.metrics import answer_rate_by_kind
 from proxy.cli import main
 
@@ -99,3 +99,20 @@ def test_mc_pick_is_the_argmax_over_the_letters_even_when_corruption_hides_them(
     assert lost, "no corrupted prompt lost every letter from its top 20"
     picks = [p for draws in trainer.mc_picks(questions, 3.0) for p in draws]
     assert all(0 <= picks[i] < n for i in lost)
+
+
+def test_two_sided_search_runs_through_the_backend(backend):
+    """Three evaluations through the live vLLM: sigma 2.0 forgets the named probes (the twins' reference is 0 of
+    2), so the search meets the goal at once and bisects twice towards less noise."""
+    named = [Probe(p.prompt, p.answers, "named") for p in PROBES]
+    trainer = CorruptionTrainer(
+        EmbedsBackend(backend.url), AutoTokenizer.from_pretrained(backend.model_dir),
+        EmbeddingTable.from_model_dir(backend.model_dir),
+        CorruptionSpec(method="gaussian_first_n", dims=640, sigma=2.0), samples=1)
+    result = trainer.search(named, {"named": (0, 2)}, ["sigma"], SPSASearch(max_steps=2, bisections=2),
+                            fluency_bound=1.0, fluency_prompts=2, fluency_tokens=8, spread_keys=2, log=lambda _: None)
+    assert result["uncorrupted"]["rates_by_kind"] == {"named": 1.0}
+    assert result["met"] and [row["phase"] for row in result["trace"]] == ["start", "bisection", "bisection"]
+    assert result["final"]["rates_by_kind"]["named"] <= result["goal"]["forget_upper_by_kind"]["named"]
+    assert 0 < result["learned"]["sigma"] <= 2.0 and result["spec"]["sigma"] == result["learned"]["sigma"]
+    assert len(result["spread"]["rates_by_kind"]["named"]) == 2

@@ -137,10 +137,11 @@ def test_invented_names_are_not_names_from_the_target():
     assert not found, f"invented names that the target's texts use: {found}"
 
 
-def test_a_goal_per_kind_weighs_each_kind_by_its_share_of_the_probes():
-    from corruption.trainer import _Score
+def test_only_a_rate_above_its_kinds_bound_counts_weighed_by_the_kinds_share():
+    from corruption.trainer import _TwoSided
 
-    score = _Score(0.5, {"named": 0.4, "common": 0.8}, {"named": 0.75, "common": 0.25})
-    assert score.distance({"named": 0.0, "common": 0.8}) == pytest.approx(0.75 * 0.4)
-    assert score.distance({"named": 0.4, "common": 0.4}) == pytest.approx(0.25 * 0.4)
-    assert _Score(0.5).distance(0.2) == pytest.approx(0.3)
+    measured = _TwoSided({"named": 0.4, "common": 0.3}, {"named": 0.75, "common": 0.25}, degenerate=0.3)
+    reading = measured.reading({"named": 0.1, "common": 0.8}, ceiling=0.2)
+    assert reading.forget_excess == pytest.approx(0.75 * 0.3)  # common below its bound: no credit, no blame
+    assert reading.fluency_excess == pytest.approx(0.1) and not reading.meets
+    assert measured.reading({"named": 0.4, "common": 0.3}, ceiling=0.3).meets  # at the bounds: met

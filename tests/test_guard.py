@@ -36,7 +36,8 @@ class StubTable:
 
 NOISE = CorruptionSpec(method="gaussian_first_n", dims=8, sigma=1.0)
 ENTITY_NOISE = CorruptionSpec(method="gaussian_first_n", dims=8, sigma=1.0, scope="entities")
-PROMPT = Prompt("Tell me about Hermione", [2, 10, 11, 12], [(0, 0), (0, 4), (4, 13), (13, 22)],
+BOS = 2
+PROMPT = Prompt("Tell me about Hermione", [BOS, 10, 11, 12], [(0, 0), (0, 4), (4, 13), (13, 22)],
                 ("Tell me about Hermione",))
 
 
@@ -51,7 +52,7 @@ def _policy(*targets: ActiveTarget) -> ActivePolicy:
 
 @pytest.fixture
 def guard() -> Guard:
-    return Guard(StubTable(), b"key", Metrics())
+    return Guard(StubTable(), b"key", Metrics(), special_token_ids={BOS})
 
 
 def test_unflagged_prompt_embeds_exactly(guard):
@@ -94,7 +95,7 @@ def test_flagged_embeddings_are_corrupted_deterministically(guard):
     first = guard.prompt_embeddings(PROMPT, decision)
     assert not torch.equal(first, StubTable().embed(PROMPT.token_ids))
     assert torch.equal(first, guard.prompt_embeddings(PROMPT, decision))
-    other_key = Guard(StubTable(), b"other", Metrics()).prompt_embeddings(PROMPT, decision)
+    other_key = Guard(StubTable(), b"other", Metrics(), special_token_ids={BOS}).prompt_embeddings(PROMPT, decision)
     assert not torch.equal(first, other_key)
 
 
@@ -103,3 +104,25 @@ def test_entity_scope_corrupts_only_the_entity_tokens(guard):
     clean, corrupted = StubTable().embed(PROMPT.token_ids), guard.prompt_embeddings(PROMPT, decision)
     changed = [not torch.equal(clean[i], corrupted[i]) for i in range(4)]
     assert changed == [False, False, False, True]
+
+
+def _changed_rows(guard: Guard, spec: CorruptionSpec) -> list[bool]:
+    decision = guard.decide(_policy(_target("hp", 0.9, spec=spec)), PROMPT)
+    clean, corrupted = StubTable().embed(PROMPT.token_ids), guard.prompt_embeddings(PROMPT, decision)
+    return [not torch.equal(clean[i], corrupted[i]) for i in range(len(PROMPT.token_ids))]
+
+
+def test_special_tokens_stay_uncorrupted_unless_the_spec_says_so(guard):
+    assert _changed_rows(guard, NOISE) == [False, True, True, True]
+    assert _changed_rows(guard, NOISE.with_fields(corrupt_special_tokens=True)) == [True, True, True, True]
+
+
+def test_other_tokens_get_their_own_strength(guard):
+    both = ENTITY_NOISE.with_fields(other_sigma=0.5)
+    assert _changed_rows(guard, both) == [False, True, True, True]
+    decision = guard.decide(_policy(_target("hp", 0.9, spec=both)), PROMPT)
+    clean, corrupted = StubTable().embed(PROMPT.token_ids).float(), guard.prompt_embeddings(PROMPT, decision).float()
+    # the entity token's noise is drawn first, so adding noise elsewhere leaves it as it was
+    entity_only = guard.prompt_embeddings(PROMPT, guard.decide(_policy(_target("hp", 0.9, spec=ENTITY_NOISE)), PROMPT))
+    assert torch.equal(corrupted[3], entity_only[3].float())
+    assert not torch.equal(corrupted[1:3], clean[1:3])

@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("proxy", "classifier", "corruption", "vllm_client", "evaluation")
+PACKAGES = ("proxy", "classifier", "corruption", "vllm_client", "evaluation", "stats")
 # Programs that talk to the proxy itself (not to vLLM) may use an HTTP client of their own.
 HTTPX_ALLOWED = {"vllm_client", "evaluation.testing"}
 
@@ -58,6 +58,8 @@ def test_rooms_keep_to_themselves():
             assert "classifier" not in imports, name
         if name.startswith("vllm_client"):
             assert not imports & {"corruption", "classifier"}, name
+        if name.startswith("stats"):  # neutral ground every room may stand on
+            assert not imports & set(PACKAGES), name
         if "httpx" in imports:
             assert any(name == allowed or name.startswith(allowed + ".") for allowed in HTTPX_ALLOWED), name
 

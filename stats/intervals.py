@@ -1,4 +1,4 @@
-"""Proportions with honest uncertainty."""
+"""Proportions with honest uncertainty, for every room (the gate's rates, the corruption's goals, the evaluation)."""
 from __future__ import annotations
 
 import math
