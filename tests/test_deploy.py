@@ -498,7 +498,9 @@ def test_image_copies_no_llm_weights(image):
     assert sources <= ALLOWED_COPY_SOURCES
     ignore_file = DOCKERFILE.with_name(DOCKERFILE.name + ".dockerignore").read_text().splitlines()
     allowed_in_context = {line[1:].rstrip("/") for line in ignore_file if line.startswith("!")}
-    assert sources <= allowed_in_context, "a COPY source is missing from the build context"
+    every_stage = {source.rstrip("/") for line in DOCKERFILE.read_text().splitlines()
+                   if line.startswith("COPY ") and "--from" not in line for source in shlex.split(line)[1:-1]}
+    assert sources <= every_stage <= allowed_in_context, "a COPY source is missing from the build context"
 
     copied = [p for source in sources for p in ([REPO / source] if (REPO / source).is_file()
                                                   else (REPO / source).rglob("*")) if p.is_file()]
