@@ -13,6 +13,7 @@ stretches of the benign long documents in the gate's training data; the long tar
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from _common import (
 )
 
 from classifier import load_classifier
+from classifier.batching import GIL_SWITCH_INTERVAL
 from classifier.gate_data import load_records
 
 LONG_WORDS = 2000
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100, help="short prompts of each kind")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # as the proxy runs
     long_count = max(1, args.count // 5)
     benign_long = long_prompts(args.gate_train, long_count, "retain", "long_documents")
     target_long = long_prompts(args.gate_train, long_count, "forget", None)

@@ -30,6 +30,11 @@ DEFAULT_CACHE_SIZE = 4096  # texts; an entry is one output row plus its text
 
 
 DEFAULT_PASS_CHARS = 1500  # a few hundred tokens: on one CPU thread a pass stays under about 100 ms
+# For the process that classifies on many threads (sys.setswitchinterval): a caller's pure-Python stages
+# (readings, vocabulary) hold the GIL, and a torch pass gives it up and takes it back at every operator,
+# each time waiting out the holder's switch interval. At CPython's 5 ms a short prompt took 800 ms p50
+# beside a stream of 2,000-word prompts (15 ms alone); at 0.1 ms, 73 ms.
+GIL_SWITCH_INTERVAL = 0.0001
 
 
 @dataclass

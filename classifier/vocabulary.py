@@ -26,6 +26,7 @@ _UNSPACED_SCRIPTS = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-
 _PLURALS = ("s", "es")
 TYPO_MIN_LENGTH = 8  # shorter words are one typo away from too many ordinary ones
 TYPO_MIN_LENGTH_IN_PHRASE = 5  # the rest of the phrase, spelled right, already narrows it down
+MAX_TERMS_PER_ANCHOR = 5  # a word more terms share is too common to look for phrases around
 
 
 def _fold(text: str) -> str:
@@ -108,22 +109,21 @@ class TermMatcher:
         # a long one-word term, each form of it with one letter deleted (and where), for distance-one typos
         self._typo_words: dict[str, list[str]] = {}
         self._deleted: dict[tuple[str, int], list[str]] = {}
-        # a longer term, keyed by each of its long words' places with that word left out
-        self._phrase_gaps: dict[tuple[int, tuple[str, ...]], list[tuple[str, str]]] = {}
+        # a longer term under each of its anchors, with the anchor's place in it: its words that few terms
+        # share ("ron", not "the"), so that a phrase is tried only where one of them stands
+        self._anchors: dict[str, list[tuple[tuple[str, ...], int, str]]] = {}
         for term in typo_terms:
             words = term_words(term)
             if len(words) > 1:
                 for place, word in enumerate(words):
-                    if len(word) >= TYPO_MIN_LENGTH_IN_PHRASE:
-                        gap = (place, words[:place] + ("",) + words[place + 1:])
-                        self._phrase_gaps.setdefault(gap, []).append((word, term))
+                    self._anchors.setdefault(word, []).append((words, place, term))
                 continue
             word = words[0]
             self._typo_words.setdefault(word, []).append(term)
             for position in range(len(word)):
                 self._deleted.setdefault((word[:position] + word[position + 1:], position), []).append(term)
-        self._phrase_lengths = sorted({len(words) for _, words in self._phrase_gaps})
-        self._phrase_words = {word for _, words in self._phrase_gaps for word in words if word}
+        self._anchors = {word: phrases for word, phrases in self._anchors.items()
+                         if len(word) >= 3 and len(phrases) <= MAX_TERMS_PER_ANCHOR}
 
     def find(self, text: str) -> str | None:
         """The first term found in any reading of `text`, or None."""
@@ -141,9 +141,9 @@ class TermMatcher:
                 if len(word) >= TYPO_MIN_LENGTH - 1 and self._deleted:
                     for term in self._typos_of(word):
                         yield term, True
-                if self._phrase_gaps and (word in self._phrase_words or words[start + 1:start + 2] and
-                                          words[start + 1] in self._phrase_words):
-                    for term in self._phrase_typos_at(words, start):
+                for phrase, place, term in self._anchors.get(word, ()):
+                    first = start - place
+                    if first >= 0 and _phrase_with_one_typo(words[first:first + len(phrase)], phrase):
                         yield term, True
                 if word not in self._first:
                     continue
@@ -163,20 +163,6 @@ class TermMatcher:
                         break
         return term
 
-    def _phrase_typos_at(self, words: list[str], start: int) -> list[str]:
-        """The longer terms that start at `start` with one of their long words mistyped."""
-        found = []
-        for length in self._phrase_lengths:
-            window = tuple(words[start:start + length])
-            if len(window) < length:
-                break
-            for place, typed in enumerate(window):
-                if len(typed) < TYPO_MIN_LENGTH_IN_PHRASE - 1:
-                    continue
-                gap = (place, window[:place] + ("",) + window[place + 1:])
-                found += [term for word, term in self._phrase_gaps.get(gap, ()) if _one_typo_apart(typed, word)]
-        return found
-
     def _typos_of(self, word: str) -> list[str]:
         """The long terms one typo away from `word`: a letter missing, extra or replaced, or two
         neighbours swapped."""
@@ -188,6 +174,15 @@ class TermMatcher:
             swapped = word[:position] + word[position + 1] + word[position] + word[position + 2:]
             found.append(self._typo_words.get(swapped, []))
         return list(dict.fromkeys(term for terms in found for term in terms if term_words(term)[0] != word))
+
+
+def _phrase_with_one_typo(typed: list[str], phrase: tuple[str, ...]) -> bool:
+    """The words typed are the phrase with exactly one of its words of 5 letters or more mistyped."""
+    if len(typed) != len(phrase):
+        return False
+    different = [place for place, (a, b) in enumerate(zip(typed, phrase)) if a != b]
+    return len(different) == 1 and len(phrase[different[0]]) >= TYPO_MIN_LENGTH_IN_PHRASE and \
+        _one_typo_apart(typed[different[0]], phrase[different[0]])
 
 
 def _one_typo_apart(typed: str, word: str) -> bool:

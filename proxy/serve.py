@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer
 
+from classifier.batching import GIL_SWITCH_INTERVAL
 from classifier.encoder import DEFAULT_CACHE_SIZE, EncoderPool
 from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, EmbeddingCheckUnavailable
 from corruption.embeddings import EmbeddingError, EmbeddingTable
@@ -88,6 +90,7 @@ def _secret_key(configured: str | None) -> bytes:
 def run(settings: ServeSettings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per backend request
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     model_dir = settings.model_dir or prepare_default_model()
     vllm: VllmServer | None = None
     previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
