@@ -6,8 +6,9 @@ confusables data, through `confusable_homoglyphs`). Genuine non-Latin text keeps
 
 `variants` adds readings that may or may not be meant: letters spaced apart joined again,
 punctuation inside words dropped, leetspeak read as letters, words written upside down turned
-back, and a Latin transliteration of other scripts (`anyascii`). The gate scores every variant and keeps the highest, so a wrong
-reading costs nothing but a score. Plain text takes a fast path and yields itself alone.
+back, and a Latin transliteration of other scripts (`anyascii`). The gate scores every variant
+and keeps the highest, so a wrong reading costs nothing but a score. Plain text takes a fast
+path and yields itself alone.
 """
 from __future__ import annotations
 
@@ -192,7 +193,8 @@ def _upside_down() -> tuple[dict[str, str], re.Pattern[str]]:
     uses one. The turned letters come from their Unicode names ("LATIN SMALL LETTER TURNED E"); the
     rest are the stand-ins flip generators use where Unicode has no turned letter, and the letters
     that are each other's half-turn (n/u, d/p, b/q) once a word is known to be upside down."""
-    turned = re.compile(r"(?:LATIN (SMALL|CAPITAL) LETTER|TURNED(?: SANS-SERIF)? (CAPITAL)) (?:TURNED )?([A-Z])")
+    turned = re.compile(r"(?:LATIN (SMALL|CAPITAL) LETTER|TURNED(?: SANS-SERIF)? (CAPITAL))"
+                        r" (?:TURNED )?([A-Z])")
     letters: dict[str, str] = {}
     for code in range(0x2200):
         name = unicodedata.name(chr(code), "")

@@ -9,8 +9,8 @@ by construction and calibration measures what slips through.
 Matching runs on every reading `classifier.normalize.variants` gives, plus two that cost nothing
 here (ROT13 and the text reversed); words compare case-folded, hyphens and spaces alike, with a
 plural on the last word, and a term within one typo: a long one-word term ("Expeliarmus",
-"Quiddtich"), or one word of five letters or more in a longer term ("wingardium leviossa"). Terms written
-in scripts without spaces (Chinese, Japanese, Korean) match as substrings.
+"Quiddtich"), or one word of five letters or more in a longer term ("wingardium leviossa"). Terms
+written in scripts without spaces (Chinese, Japanese, Korean) match as substrings.
 """
 from __future__ import annotations
 

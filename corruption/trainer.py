@@ -138,8 +138,7 @@ class CorruptionTrainer:
 
     def probe_hits(self, probes: Sequence[Probe], strength: float | Sequence[float] | None) -> list[float]:
         """Per probe, the share of its noise draws whose completion contains an answer."""
-        outputs = self.generate([p.prompt for p in probes], strength, self.max_tokens)
-        return [float(np.mean([probe.answered_by(text) for text in draws])) for probe, draws in zip(probes, outputs)]
+        return _hit_shares(probes, self.generate([p.prompt for p in probes], strength, self.max_tokens))
 
     def answers_by_kind(self, probes: Sequence[Probe], strength: float | Sequence[float] | None = None
                         ) -> dict[str, list[bool]]:
@@ -288,10 +287,11 @@ class CorruptionTrainer:
 
         def measure(spec: CorruptionSpec | None, secret_key: bytes = self.secret_key) -> _TwoSided:
             answers = self._generate_with([p.prompt for p in data], spec, self.max_tokens, secret_key, "probes")
-            hits = [float(np.mean([p.answered_by(t) for t in draws])) for p, draws in zip(data, answers)]
+            hits = _hit_shares(data, answers)
+            grouped = by_kind(data, hits)
             continuations = self._generate_with(fluency_texts, spec, fluency_tokens, secret_key, "fluency")
-            return _TwoSided({k: float(np.mean(h)) for k, h in by_kind(data, hits).items()},
-                             {k: len(h) / len(hits) for k, h in by_kind(data, hits).items()},
+            return _TwoSided({k: float(np.mean(h)) for k, h in grouped.items()},
+                             {k: len(h) / len(hits) for k, h in grouped.items()},
                              degenerate_rate([t for draws in continuations for t in draws]))
 
         raw = measure(None)
@@ -383,6 +383,11 @@ class _TwoSided:
         business (more noise than needed) and the bisection's."""
         return Reading(sum(w * max(0.0, self.rates[k] - upper[k]) for k, w in self.weights.items()),
                        max(0.0, self.degenerate - ceiling))
+
+
+def _hit_shares(probes: Sequence[Probe], outputs: Sequence[Sequence[str]]) -> list[float]:
+    """Per probe, the share of its completions (one per noise draw) that contain an answer."""
+    return [float(np.mean([probe.answered_by(text) for text in draws])) for probe, draws in zip(probes, outputs)]
 
 
 def _shown(rates: Mapping[str, float]) -> str:
