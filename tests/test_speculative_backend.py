@@ -1,22 +1,28 @@
 """Speculative dispatch on the real backend (issue 14): vLLM really stops generating a speculative
-request when its prompt is flagged and when the client leaves, read from vLLM's own
-`vllm:num_requests_running`; flagged answers are the same as in sequential mode.
+request when its prompt is flagged and when the client leaves, read from vLLM's own metrics; flagged
+answers are the same as in sequential mode.
 
 The app runs in-process (served by uvicorn in a thread, or through Starlette's test client) with a
-keyword gate that can be made slow, so that the speculative request is surely generating when the
-verdict comes; its upstream is the real vLLM. The backend may serve others meanwhile (it is shared),
-so the running-requests gauge is read by its minimum over a window (others only add to it), and the
-generated-token counter only over windows in which no other request finished. Byte-for-byte checks
-compare the client's bytes with the bytes vLLM sent for that very request (a tee on the proxy's
-connection), not with a second generation, which other requests batched alongside may change.
+keyword gate that the test holds, so that the speculative request is surely generating when the
+verdict comes; its upstream is the real vLLM, idle when a test begins (the session's backend serves
+one test at a time). Each step waits for what it expects up to a generous bound instead of reading
+fixed time windows: a loaded machine can answer `/metrics` seconds late, and a speculative request
+that is not aborted would run for over a minute, far past any bound. Byte-for-byte checks compare the
+client's bytes with the bytes vLLM sent for that very request (a tee on the proxy's connection), not
+with a second generation, which other requests batched alongside may change.
 """
 from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
 
+import h11
 import httpx
 import pytest
 import uvicorn
@@ -30,16 +36,54 @@ pytestmark = pytest.mark.backend
 FLAGGED_PROMPT = "Harry Potter's best friends are Ron Weasley and"  # the keyword gate flags "harry potter"
 UNFLAGGED_PROMPT = "Write a very long story about a lighthouse."
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0}  # runs for over a minute at ~20 tokens/s
+BOUND = 15.0  # seconds any awaited change may take on a loaded machine (the abort itself takes ~0.1 s)
 
 
-class SlowGate(KeywordGate):
-    def __init__(self, delay: float):
-        self.delay = delay
-        self.verdict_at: float | None = None
+@dataclass(frozen=True)
+class Gauges:
+    """vLLM's metrics at one moment: the requests it holds (running or waiting), the tokens it has taken
+    in as prompts and generated so far (counted as they come)."""
+
+    at: float
+    requests: float
+    prompt_tokens: float
+    generated: float
+
+
+def gauges(backend_url: str) -> Gauges:
+    text = httpx.get(f"{backend_url}/metrics", timeout=30).text
+
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return Gauges(time.monotonic(), total("vllm:num_requests_running") + total("vllm:num_requests_waiting"),
+                  total("vllm:prompt_tokens_total"), total("vllm:generation_tokens_total"))
+
+
+def wait_for(backend_url: str, condition: Callable[[Gauges], bool], what: str) -> Gauges:
+    """The first reading of vLLM's metrics that meets the condition, within BOUND."""
+    deadline, seen = time.monotonic() + BOUND, []
+    while time.monotonic() < deadline:
+        seen.append(gauges(backend_url))
+        if condition(seen[-1]):
+            return seen[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {BOUND} s; vLLM showed, last: {seen[-5:]}")
+
+
+class HeldGate(KeywordGate):
+    """The keyword gate, held by the test: it gives its verdict only when released (a classifier that
+    takes as long as the test needs), and reads vLLM's metrics just before."""
+
+    def __init__(self, backend_url: str):
+        self.backend_url = backend_url
+        self.asked, self.release, self.decided = threading.Event(), threading.Event(), threading.Event()
+        self.at_verdict: Gauges | None = None
 
     def score_segments(self, segments: list[str], stop_above: float | None = None) -> float:
-        time.sleep(self.delay)
-        self.verdict_at = time.monotonic()
+        self.asked.set()
+        self.release.wait(2 * BOUND)
+        self.at_verdict = gauges(self.backend_url)
+        self.decided.set()
         return super().score_segments(segments)
 
 
@@ -65,145 +109,125 @@ class Served:
         self.thread.join(15)
 
 
-def vllm_gauges(backend_url: str) -> tuple[float, float, float]:
-    """vLLM's requests running now, the tokens it has generated so far (counted as they come), and the
-    requests it has finished (aborted ones are not counted there)."""
-    text = httpx.get(f"{backend_url}/metrics", timeout=10).text
+class HangingClient:
+    """A client on a plain socket that hangs up when the test says (a streaming client and one waiting
+    for a whole body alike), keeping what it was sent: status, headers, the streamed text and the
+    moment of the first body byte."""
 
-    def total(name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-    return (total("vllm:num_requests_running"), total("vllm:generation_tokens_total"),
-            total("vllm:request_success_total"))
+    def __init__(self, url: str, body: dict):
+        address = urlsplit(url)
+        self.sock = socket.create_connection((address.hostname, address.port), timeout=5)
+        self.sock.settimeout(None)
+        self.connection = h11.Connection(h11.CLIENT)
+        payload = json.dumps(body).encode()
+        self.sock.sendall(self.connection.send(h11.Request(
+            method="POST", target="/v1/completions",
+            headers=[("host", address.netloc), ("content-type", "application/json"),
+                     ("content-length", str(len(payload)))])) + self.connection.send(h11.Data(data=payload)))
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.body, self.first_byte_at, self.left_at = b"", None, None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
+    def _read(self) -> None:
+        try:
+            while (data := self.sock.recv(65536)):
+                self.connection.receive_data(data)
+                while (event := self.connection.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+                    if isinstance(event, h11.Response):
+                        self.status = event.status_code
+                        self.headers = {k.decode(): v.decode() for k, v in event.headers}
+                    elif isinstance(event, h11.Data):
+                        self.first_byte_at = self.first_byte_at or time.monotonic()
+                        self.body += event.data
+        except OSError:
+            pass  # the test hung up
 
-def running(backend_url: str) -> float:
-    return vllm_gauges(backend_url)[0]
+    @property
+    def text(self) -> str:
+        return "".join(choice.get("text", "") for line in self.body.decode(errors="replace").splitlines()
+                       if line.startswith("data: {") for choice in json.loads(line[6:])["choices"])
 
-
-class Sampler:
-    """`vllm:num_requests_running` and `vllm:generation_tokens_total` every 0.1 s, with monotonic
-    timestamps, until stopped."""
-
-    def __init__(self, backend_url: str):
-        self.url, self.samples, self.tokens, self.finished = backend_url, [], [], []
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            at, (now_running, generated, finished) = time.monotonic(), vllm_gauges(self.url)
-            self.samples.append((at, now_running))
-            self.tokens.append((at, generated))
-            self.finished.append((at, finished))
-            time.sleep(0.1)
-
-    def generated(self, start: float, end: float) -> float:
-        """Tokens vLLM generated between two moments (from the samples nearest inside them)."""
-        inside = [value for at, value in self.tokens if start <= at <= end]
-        return inside[-1] - inside[0]
-
-    def quiet(self, start: float, end: float) -> bool:
-        """No other request finished in vLLM between these moments (ours are aborted, not finished)."""
-        inside = [value for at, value in self.finished if start - 0.2 <= at <= end + 0.2]
-        return inside[-1] == inside[0]
-
-    def least(self, start: float, end: float) -> float:
-        """The fewest requests running in vLLM between two moments: ours, whatever others add."""
-        values = self.between(start, end)
-        assert values, (start, end, self.samples)
-        return min(values)
-
-    def __enter__(self) -> Sampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.thread.join(5)
-
-    def between(self, start: float, end: float) -> list[float]:
-        return [value for at, value in self.samples if start <= at <= end]
+    def leave(self) -> None:
+        self.left_at = time.monotonic()
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.reader.join(5)
 
 
-def wait_idle(backend_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while running(backend_url) > 0:
-        assert time.monotonic() < deadline, "the backend is busy with other requests"
-        time.sleep(0.2)
+def _long_request(url: str, prompt: str, stream: bool) -> HangingClient:
+    return HangingClient(url, {"model": "gemma-3-270m", "prompt": prompt, "stream": stream, **LONG})
 
 
-def _request(url: str, prompt: str, stream: bool, leave_after: float) -> dict:
-    """Send a long completion; a streaming client reads until `leave_after` seconds, then hangs up; a
-    non-streaming one gives up (read timeout) then. What the client saw."""
-    body = {"model": "gemma-3-270m", "prompt": prompt, "stream": stream, **LONG}
-    seen: dict = {"started": time.monotonic(), "first_byte_at": None, "text": ""}
-    try:
-        with httpx.stream("POST", f"{url}/v1/completions", json=body,
-                          timeout=httpx.Timeout(leave_after, connect=5)) as response:
-            seen["status"], seen["flagged"] = response.status_code, response.headers.get("x-eco-flagged")
-            for line in response.iter_lines():
-                seen["first_byte_at"] = seen["first_byte_at"] or time.monotonic()
-                if line.startswith("data: {"):
-                    seen["text"] += "".join(c.get("text", "") for c in json.loads(line[6:])["choices"])
-                if time.monotonic() - seen["started"] > leave_after:
-                    break
-    except httpx.TimeoutException:
-        seen["timed_out"] = True
-    seen["left_at"] = time.monotonic()
-    return seen
+def _stays_idle(backend_url: str) -> None:
+    """Nothing runs in vLLM, and nothing is generated over the next second."""
+    idle = wait_for(backend_url, lambda g: g.requests == 0, "vLLM stops every request of ours")
+    time.sleep(1.0)
+    later = gauges(backend_url)
+    assert later.requests == 0 and later.generated == idle.generated, (idle, later)
 
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
-    """The speculative request generates while the gate decides (slowly, here: 2 s); at the flagged
-    verdict it is aborted, within a bound, and only the corrupted request runs; when the client
-    leaves, that one stops too."""
-    gate = SlowGate(2.0)
+    """The speculative request generates while the gate decides; at the flagged verdict it is aborted,
+    within a bound, and only the corrupted request runs; when the client leaves, that one stops too."""
+    gate = HeldGate(backend.url)
     app = build_app(backend.model_dir, backend.url, gate=gate)
-    wait_idle(backend.url)
-    with Served(app) as url, Sampler(backend.url) as sampler:
-        seen = _request(url, FLAGGED_PROMPT, stream, leave_after=6.0)
-        time.sleep(2.0)
-    assert gate.verdict_at is not None
-    started, verdict, left = seen["started"], gate.verdict_at, seen["left_at"]
-    # The speculative one was generating up to the verdict. (Its first step may come late on a loaded
-    # machine, so the gauge is read over the last half second before the verdict only.)
-    assert sampler.least(verdict - 0.6, verdict - 0.1) >= 1, sampler.samples
-    assert sampler.generated(started, verdict) > 5
-    # From a second after the verdict the corrupted one runs alone: the speculative one stopped (were it
-    # still running, two would run all along).
-    assert sampler.least(verdict + 1.0, left - 0.1) == 1, sampler.samples
-    assert sampler.least(left + 1.0, left + 2.0) == 0, sampler.samples  # the client left: nothing of ours runs
-    if sampler.quiet(left + 1.0, left + 2.0):  # ... and nothing generates (when nobody else is served)
-        assert sampler.generated(left + 1.0, left + 2.0) == 0
-    if stream:
-        assert seen["status"] == 200 and seen["flagged"] == "true"
-        assert seen["first_byte_at"] > verdict and seen["text"] and "Hermione" not in seen["text"]
+    before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
+    with Served(app) as url:
+        client = _long_request(url, FLAGGED_PROMPT, stream)
+        assert gate.asked.wait(BOUND)
+        wait_for(backend.url, lambda g: g.requests == 1 and g.generated - before.generated >= 10,
+                 "the speculative request generates")
+        gate.release.set()
+        assert gate.decided.wait(BOUND)
+        at_verdict = gate.at_verdict
+        assert at_verdict.requests == 1 and at_verdict.generated - before.generated >= 10, at_verdict
+        # vLLM takes the corrupted request's prompt and holds that one request alone: the speculative one
+        # stopped (were it running still, two would show until its 1,500 tokens were done).
+        alone = wait_for(backend.url, lambda g: g.prompt_tokens > at_verdict.prompt_tokens and g.requests == 1,
+                         "the corrupted request runs alone")
+        time.sleep(0.5)
+        later = gauges(backend.url)
+        assert later.requests == 1 and later.generated > alone.generated, later  # the corrupted one runs on
+        if stream:
+            deadline = time.monotonic() + BOUND
+            while not client.text and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.status == 200 and client.headers["x-eco-flagged"] == "true"
+            assert client.first_byte_at > gate.at_verdict.at and client.text and "Hermione" not in client.text
+        else:
+            assert client.first_byte_at is None  # a whole body comes at the end of its 1,500 tokens
+        client.leave()
+        _stays_idle(backend.url)  # the client left: nothing of ours runs
     metrics = app.state.proxy.metrics.registry  # (waste is counted off the answer's path: long done by now)
     assert metrics.get_sample_value("eco_speculative_wasted_total", {"target": "harry_potter"}) == 1
     # a stream's first token reached the proxy before the verdict; a whole body only comes at its end
     assert metrics.get_sample_value("eco_speculative_requests_total", {"first": "output" if stream else "verdict"}) == 1
     if stream:
-        assert metrics.get_sample_value("eco_speculative_wasted_generated_tokens_total",
-                                        {"target": "harry_potter"}) > 5
+        wasted = metrics.get_sample_value("eco_speculative_wasted_generated_tokens_total", {"target": "harry_potter"})
+        assert 1 <= wasted <= at_verdict.generated - before.generated
 
 
 @pytest.mark.parametrize("prompt", [UNFLAGGED_PROMPT, FLAGGED_PROMPT])
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_leaving_before_the_verdict_stops_the_speculative_request(backend, stream, prompt):
-    gate = SlowGate(4.0)
+    gate = HeldGate(backend.url)
     app = build_app(backend.model_dir, backend.url, gate=gate)
-    wait_idle(backend.url)
-    with Served(app) as url, Sampler(backend.url) as sampler:
-        seen = _request(url, prompt, stream, leave_after=2.0)  # no answer can begin before the verdict
-        time.sleep(4.0)
-    left = seen["left_at"]
-    assert seen.get("timed_out") and seen["first_byte_at"] is None
-    assert sampler.least(left - 0.6, left - 0.1) >= 1, sampler.samples  # it was generating when the client left
-    assert sampler.generated(seen["started"], left) > 3
-    assert sampler.least(left + 1.0, left + 5.0) == 0, sampler.samples  # stopped; nothing sent after the verdict
-    if sampler.quiet(left + 1.0, left + 5.0):
-        assert sampler.generated(left + 1.0, left + 5.0) == 0
+    before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
+    with Served(app) as url:
+        client = _long_request(url, prompt, stream)
+        assert gate.asked.wait(BOUND)
+        wait_for(backend.url, lambda g: g.requests == 1 and g.generated - before.generated >= 3,
+                 "the speculative request generates")
+        client.leave()
+        assert client.first_byte_at is None  # no answer can begin before the verdict
+        _stays_idle(backend.url)
+        gate.release.set()  # the verdict comes after the client left: nothing is sent upstream then
+        assert gate.decided.wait(BOUND)
+        _stays_idle(backend.url)
+    assert not gate.at_verdict.requests
     assert app.state.proxy.metrics.registry.get_sample_value("eco_client_gone_total") == 1
 
 
