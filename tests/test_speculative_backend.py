@@ -207,7 +207,9 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
     assert metrics.get_sample_value("eco_speculative_requests_total", {"first": "output" if stream else "verdict"}) == 1
     if stream:
         wasted = metrics.get_sample_value("eco_speculative_wasted_generated_tokens_total", {"target": "harry_potter"})
-        assert 1 <= wasted <= at_verdict.generated - before.generated
+        # at most what vLLM generated in all by the time the corrupted request ran alone (the proxy reads on
+        # from the verdict's reading of the metrics until it aborts)
+        assert 1 <= wasted <= alone.generated - before.generated
 
 
 @pytest.mark.parametrize("prompt", [UNFLAGGED_PROMPT, FLAGGED_PROMPT])
