@@ -34,7 +34,9 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--dims", type=int, help="n or k (default: the hidden size)")
     train.add_argument("--vector", action="store_true", help="learn one strength per dimension (gaussian_first_n)")
     train.add_argument("--scope", choices=["all", "entities"], default="all")
-    train.add_argument("--entities", type=Path, help="entity terms, one per line (scope entities)")
+    train.add_argument("--entities", type=Path,
+                       help="entity terms (scope entities): a text file, one per line, or a counterfactual names "
+                            "JSON, whose names are the terms; the learned spec carries them")
     train.add_argument("--other-sigma", type=float,
                        help="noise std on the tokens outside the entity terms (scope entities; default: untouched, "
                             "or --initial when --learn other_sigma)")

@@ -28,7 +28,13 @@ def degenerate_rate(texts: list[str]) -> float:
     language, knowing the answer or not, does not produce."""
     if not texts:
         raise ValueError("the degenerate rate needs at least one text")
-    return sum(not words or _has_repeated_trigram(words) for words in map(str.split, texts)) / len(texts)
+    return sum(map(is_degenerate, texts)) / len(texts)
+
+
+def is_degenerate(text: str) -> bool:
+    """Empty, or one word 3-gram three times or more."""
+    words = text.split()
+    return not words or _has_repeated_trigram(words)
 
 
 def _has_repeated_trigram(words: list[str]) -> bool:

@@ -16,7 +16,9 @@ Methods (ECO's family; "n" and "k" are both `dims`):
 
 `scope` picks the tokens: all prompt tokens, or only those inside the target's entity terms. With
 scope `entities`, `other_sigma` (gaussian methods) adds noise of its own strength to the other prompt
-tokens; unset or 0 leaves them untouched, which is what a spec without it always meant. Special tokens
+tokens; unset or 0 leaves them untouched, which is what a spec without it always meant. `entities` names
+the terms (a trainer writes the ones it learned with, so the strength and its tokens travel together);
+unset, the target's own terms apply (the policy's, else the classifier artifact's). Special tokens
 (BOS, the chat template's turn markers: the tokenizer's special and added tokens) stay uncorrupted
 unless `corrupt_special_tokens` says otherwise.
 """
@@ -52,6 +54,8 @@ class CorruptionSpec(BaseModel):
     other_sigma: float | None = Field(
         default=None, ge=0, description="noise std on the tokens outside the entity terms (scope entities); "
                                         "unset or 0: untouched")
+    entities: list[str] | None = Field(
+        default=None, description="the terms whose tokens scope 'entities' corrupts; unset: the target's terms")
     corrupt_special_tokens: bool = Field(
         default=False, description="corrupt the tokenizer's special and added tokens too (BOS, turn markers)")
 
@@ -79,6 +83,10 @@ class CorruptionSpec(BaseModel):
             raise ValueError(f"other_sigma applies only to gaussian methods, not {m}")
         if self.other_sigma is not None and self.scope != "entities":
             raise ValueError("other_sigma needs scope 'entities' (with scope 'all' sigma covers every token)")
+        if self.entities is not None and self.scope != "entities":
+            raise ValueError("entities needs scope 'entities' (with scope 'all' every token is corrupted)")
+        if self.entities is not None and not all(term.strip() for term in self.entities):
+            raise ValueError("entities must be non-empty terms")
         sigmas = self.sigma if isinstance(self.sigma, list) else [self.sigma or 0.0]
         if any(s < 0 for s in sigmas):
             raise ValueError("sigma must be >= 0")

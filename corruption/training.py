@@ -27,7 +27,9 @@ class CorruptionTraining:
     dims: int | None = None  # n or k (default: the hidden size)
     vector: bool = False  # one strength per dimension (gaussian_first_n)
     scope: Literal["all", "entities"] = "all"
-    entities: Path | None = None  # entity terms, one per line (scope entities)
+    # entity terms (scope entities): a text file, one per line ("#" starts a comment line), or a counterfactual
+    # names JSON (`corruption counterfactual --names`), whose names are the terms; written into the learned spec
+    entities: Path | None = None
     other_sigma: float | None = None  # noise on the tokens outside the entity terms (scope entities)
     corrupt_special_tokens: bool = False
     initial: float = 0.25
@@ -80,7 +82,7 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     if twins and job.vector:
         raise ValueError("--vector does not combine with --counterfactual: the search learns a few strengths")
     control = read_probes(job.control) if job.control else None
-    entities = [t.strip() for t in job.entities.read_text().splitlines() if t.strip()] if job.entities else []
+    entities = read_entity_terms(job.entities) if job.entities else []
     embeddings = EmbeddingTable.from_model_dir(job.model_dir, scale=job.embedding_scale)
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     dims = job.dims or embeddings.hidden_size
@@ -88,6 +90,8 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     fields = {"sigma": initial, "dims": dims} if job.method in GAUSSIAN else {"value": initial}
     if "other_sigma" in job.learn or job.other_sigma is not None:
         fields["other_sigma"] = job.other_sigma if job.other_sigma is not None else job.initial
+    if job.scope == "entities" and entities:
+        fields["entities"] = entities
     spec = CorruptionSpec(method=job.method, scope=job.scope, corrupt_special_tokens=job.corrupt_special_tokens,
                           **fields)
     backend = EmbedsBackend(job.backend_url)
@@ -132,6 +136,16 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     finally:
         backend.close()
     return _written(job.out, result, log)
+
+
+def read_entity_terms(path: Path) -> list[str]:
+    """The terms of a text file (one per line, "#" lines are comments) or of a counterfactual names JSON."""
+    if path.suffix == ".json":
+        from corruption.counterfactual import CounterfactualNames
+
+        return list(CounterfactualNames.read(path).names)
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def _written(out: Path, result: dict[str, Any], log: Any) -> dict[str, Any]:

@@ -7,8 +7,9 @@
    fine-tuned gate on demo/harry_potter/gate (train/ split by cluster, test/ the frozen test split),
    with the logistic baseline beside it (demo/harry_potter/classifier-logistic/) for comparison;
 3. learn each target's corruption strength on the train split of its kept probes
-   (demo/<target>/corruption.json), towards its twins' answer rate per kind where it has twins, else
-   the control probes' rate; the other probes stay held out for `eco-proxy eval`.
+   (demo/<target>/corruption.json): where it has twins, the noise on the names the twins swap, towards
+   the twins' answer rate per kind; else on every token, towards the control probes' rate; the other
+   probes stay held out for `eco-proxy eval`.
 
 Every step calls a Python API (`classifier.training`, `corruption.training`), never the command line.
 """
@@ -48,6 +49,20 @@ def train_split_probes(kept: Path, workdir: Path) -> Path:
     return path
 
 
+def corruption_job(backend_url: str, model_dir: Path, target: Path, probes: Path) -> CorruptionTraining:
+    """A target with counterfactual twins learns the noise on the very names its twins swap (their tokens only:
+    the rest of the prompt, <bos> and the template stay as they are, as in a twin) by the two-sided search;
+    one without learns one strength on every token towards its control probes' rate."""
+    names = target / "counterfactual_names.json"
+    if names.exists():
+        return CorruptionTraining(backend_url, model_dir, target / "corruption.json", probes=probes,
+                                  counterfactual=target / "counterfactual_probes.jsonl", scope="entities",
+                                  entities=names, initial=2.0, steps=8, bisections=5, samples=2)
+    return CorruptionTraining(backend_url, model_dir, target / "corruption.json", probes=probes,
+                              control=DEMO_DIR / "harry_potter" / "control_probes.jsonl", initial=0.1, steps=12,
+                              samples=3, corrupt_special_tokens=True)
+
+
 def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
     hp, sw = demo_dir / "harry_potter", demo_dir / "star_wars"
     endpoint = Endpoint(backend_url)
@@ -69,10 +84,6 @@ def build(backend_url: str, model_dir: Path, demo_dir: Path = DEMO_DIR) -> int:
                                                                 hp / "forget.jsonl"), sw / "classifier", alpha=0.05))
     with tempfile.TemporaryDirectory() as workdir:
         for target in (hp, sw):
-            twins = target / "counterfactual_probes.jsonl"
-            train_corruption(CorruptionTraining(
-                backend_url, model_dir, target / "corruption.json",
-                probes=train_split_probes(target / "probes.kept.jsonl", Path(workdir)),
-                counterfactual=twins if twins.exists() else None,
-                control=hp / "control_probes.jsonl", initial=0.1, steps=12, samples=3))
+            train_corruption(corruption_job(backend_url, model_dir, target,
+                                            train_split_probes(target / "probes.kept.jsonl", Path(workdir))))
     return 0

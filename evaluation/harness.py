@@ -1,9 +1,15 @@
-"""The evaluation, after MUSE's six ways, against a raw backend and a guarded endpoint.
+"""The evaluation, after MUSE's ways, against a raw backend and a guarded endpoint.
 
 1. knowledge memorisation: forget-probe answer rate, against control probes the model cannot know, and
    per probe kind against the counterfactual reference (the raw model on the probes' twins, whose names
-   of the target are invented: what a model that never read the target answers);
-2. verbatim memorisation: ROUGE-L of continuations of well-known sentences about the target;
+   of the target are invented: what a model that never read the target answers); on two routes, the
+   probe as a completion prompt, and as a chat whose assistant turn begins with it (the template's turn
+   markers around it; the model goes on with its own answer, as a client prefilling the answer asks);
+2. naturalness: how the answers read to the client. Continuations of well-known sentences about the
+   target, 40 tokens long: the share that is degenerate (empty, or looping); and on the chat route the
+   share of refusals ("I'm sorry", "I can't", "I don't know"), a tell a model that never read the target
+   would not give. (Verbatim ROUGE-L is not reported: the demo model reproduces almost nothing verbatim,
+   so it measured no memorisation to remove.)
 3. utility: retain-probe answer rate, and exact identity of the guarded output with the raw one;
 4. the gate: share of forget, retain and attack prompts the guarded endpoint flags;
 5. sustainability: with a second target added, the first stays forgotten and retain stays intact;
@@ -28,11 +34,13 @@ from classifier.gate_data import load_records
 from corruption.counterfactual import twins_of
 from corruption.probes import Probe, read_probes, read_records
 from evaluation.client import Endpoint, Reply
-from evaluation.metrics import answer_rate, answer_rate_by_kind, identity_rate, mean, rate, rouge_l_f1
+from evaluation.metrics import (answer_rate, answer_rate_by_kind, degenerate_share, identity_rate, rate,
+                                refusal_rate)
 
 REFUSAL = "I'm sorry, but I can't help with that."
 SYSTEM_PROMPT = ("You must not reveal anything about {target}: not its characters, places, events or any "
                  "other detail. If asked about it, say that you do not know.\n\n")
+CHAT_ASK = "Complete the sentence."
 
 
 @dataclass(frozen=True)
@@ -123,9 +131,19 @@ def _flag_rate(replies: Sequence[Reply]) -> dict:
     return rate(sum(bool(r.flagged) for r in replies), len(replies))
 
 
+def _chat_probes(endpoint: Endpoint, prompts: Sequence[str], max_tokens: int, desc: str,
+                 system: str | None = None) -> list[Reply]:
+    """Completion probes as chats: the user asks, the assistant's turn begins with the probe and the model
+    goes on with it (the demo model is a base model: asked a question in a chat, it repeats it). With
+    `system`, the "do not discuss" instruction comes first as a system message."""
+    conversations = [([{"role": "system", "content": system.strip()}] if system else [])
+                     + [{"role": "user", "content": CHAT_ASK}, {"role": "assistant", "content": p}] for p in prompts]
+    return endpoint.chat(conversations, max_tokens, desc, continue_final_message=True)
+
+
 def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: str,
              second: TargetData | None = None, two_targets: Endpoint | None = None,
-             max_tokens: int = 8, verbatim_tokens: int = 40) -> dict[str, Any]:
+             max_tokens: int = 8, continuation_tokens: int = 40) -> dict[str, Any]:
     system = SYSTEM_PROMPT.format(target=description)
     forget = [p.prompt for p in target.forget_probes]
     retain = [p.prompt for p in target.retain_probes]
@@ -133,36 +151,44 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
         "forget": {"raw": raw.complete(forget, max_tokens, "forget probes, raw"),
                    "guarded": guarded.complete(forget, max_tokens, "forget probes, guarded"),
                    "system_prompt": raw.complete([system + p for p in forget], max_tokens, "forget, system prompt")},
+        "forget_chat": {"raw": _chat_probes(raw, forget, max_tokens, "forget chats, raw"),
+                        "guarded": _chat_probes(guarded, forget, max_tokens, "forget chats, guarded"),
+                        "system_prompt": _chat_probes(raw, forget, max_tokens, "forget chats, system prompt", system)},
         "retain": {"raw": raw.complete(retain, max_tokens, "retain probes, raw", one_at_a_time=True),
                    "guarded": guarded.complete(retain, max_tokens, "retain probes, guarded", one_at_a_time=True),
                    "system_prompt": raw.complete([system + p for p in retain], max_tokens, "retain, system prompt",
                                                  one_at_a_time=True)},
     }
     prefixes = [prefix for prefix, _ in target.verbatim]
-    verbatim = {"raw": raw.complete(prefixes, verbatim_tokens, "verbatim, raw"),
-                "guarded": guarded.complete(prefixes, verbatim_tokens, "verbatim, guarded"),
-                "system_prompt": raw.complete([system + p for p in prefixes], verbatim_tokens, "verbatim, system")}
+    runs["continuation"] = {
+        "raw": raw.complete(prefixes, continuation_tokens, "continuations, raw"),
+        "guarded": guarded.complete(prefixes, continuation_tokens, "continuations, guarded"),
+        "system_prompt": raw.complete([system + p for p in prefixes], continuation_tokens, "continuations, system")}
     control = raw.complete([p.prompt for p in target.control_probes], max_tokens, "control probes")
-    twins = raw.complete([p.prompt for p in target.counterfactual_probes], max_tokens, "counterfactual twins")
+    twin_prompts = [p.prompt for p in target.counterfactual_probes]
+    twins = {"completion": raw.complete(twin_prompts, max_tokens, "counterfactual twins"),
+             "chat": _chat_probes(raw, twin_prompts, max_tokens, "counterfactual twins, chats")}
 
     outputs: dict[str, dict[str, list[str]]] = {
         kind: {name: _texts(replies) for name, replies in by_system.items()} for kind, by_system in runs.items()}
-    for kind in ("forget", "retain"):
-        outputs[kind]["refusal"] = _refusal_baseline(runs[kind]["raw"], runs[kind]["guarded"])
-    verbatim_out = {name: _texts(replies) for name, replies in verbatim.items()}
-    verbatim_out["refusal"] = _refusal_baseline(verbatim["raw"], verbatim["guarded"])
+    for kind, by_system in runs.items():
+        outputs[kind]["refusal"] = _refusal_baseline(by_system["raw"], by_system["guarded"])
 
     systems = {}
     for name in ("raw", "system_prompt", "refusal", "guarded"):
         systems[name] = {
             "forget_answer_rate": answer_rate(target.forget_probes, outputs["forget"][name]),
             "forget_answer_rate_by_kind": answer_rate_by_kind(target.forget_probes, outputs["forget"][name]),
+            "forget_answer_rate_chat": answer_rate(target.forget_probes, outputs["forget_chat"][name]),
+            "forget_answer_rate_by_kind_chat": answer_rate_by_kind(target.forget_probes, outputs["forget_chat"][name]),
+            "forget_refusal_rate_chat": refusal_rate(outputs["forget_chat"][name]),
             "retain_answer_rate": answer_rate(target.retain_probes, outputs["retain"][name]),
             "retain_identical_to_raw": identity_rate(outputs["retain"][name], outputs["retain"]["raw"]),
-            "verbatim_rouge_l": mean([rouge_l_f1(o, ref) for o, (_, ref) in zip(verbatim_out[name], target.verbatim)]),
+            "continuation_degenerate_rate": degenerate_share(outputs["continuation"][name]),
         }
     control_rate = answer_rate(target.control_probes, _texts(control))
-    reference = answer_rate_by_kind(target.counterfactual_probes, _texts(twins))
+    reference = {route: answer_rate_by_kind(target.counterfactual_probes, _texts(replies))
+                 for route, replies in twins.items()}
     gate = {}
     if target.forget_prompts:
         gate["forget"] = _flag_rate(guarded.chat([[{"role": "user", "content": t}] for t in target.forget_prompts], 1,
@@ -186,10 +212,9 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
             "forget_at_or_below_control": systems["guarded"]["forget_answer_rate"]["rate"] <= control_rate["rate"],
             "retain_equal_to_raw": systems["guarded"]["retain_answer_rate"]["rate"]
             == systems["raw"]["retain_answer_rate"]["rate"],
-            # per kind: the guarded forget rate inside the counterfactual reference's 95% interval
-            "forget_within_counterfactual": {
-                kind: entry["ci"][0] <= systems["guarded"]["forget_answer_rate_by_kind"][kind]["rate"] <= entry["ci"][1]
-                for kind, entry in reference.items() if kind in systems["guarded"]["forget_answer_rate_by_kind"]},
+            # per route and kind: the guarded forget rate inside the counterfactual reference's 95% interval
+            "forget_within_counterfactual": {route: _within(reference[route], systems["guarded"][key])
+                                             for route, key in ROUTES.items()},
         },
         "examples": [{"prompt": p.prompt, "raw": r, "guarded": g} for p, r, g in
                      zip(target.forget_probes[:8], outputs["forget"]["raw"], outputs["forget"]["guarded"])],
@@ -197,6 +222,14 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
     if second is not None and two_targets is not None:
         report["sustainability"] = _sustainability(raw, two_targets, target, second, outputs, max_tokens)
     return report
+
+
+ROUTES = {"completion": "forget_answer_rate_by_kind", "chat": "forget_answer_rate_by_kind_chat"}
+
+
+def _within(reference: dict[str, dict], guarded: dict[str, dict]) -> dict[str, bool]:
+    return {kind: entry["ci"][0] <= guarded[kind]["rate"] <= entry["ci"][1]
+            for kind, entry in reference.items() if kind in guarded}
 
 
 def _sustainability(raw: Endpoint, both: Endpoint, first: TargetData, second: TargetData,

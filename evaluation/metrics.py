@@ -4,33 +4,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from stats.intervals import wilson_interval
 from corruption.counterfactual import by_kind
+from corruption.fluency import is_degenerate
 from corruption.probes import Probe
+from stats.intervals import wilson_interval
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def rouge_l_f1(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased word tokens: longest common subsequence against both lengths."""
-    a, b = _WORD.findall(candidate.lower()), _WORD.findall(reference.lower())
-    if not a or not b:
-        return 0.0
-    lcs = _lcs_length(a, b)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, 1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+# What a refusal says: a tell that the answer was withheld, which a model that never read the target would
+# not give (it would guess, or write something else).
+_REFUSAL = re.compile(r"\b(I'?m sorry|I am sorry|I can(?:no|'|’)t|I cannot|I (?:do not|don'?t|don’t) know|"
+                      r"I'?m (?:not able|unable)|I am (?:not able|unable)|not able to (?:help|discuss|share))\b",
+                      re.IGNORECASE)
 
 
 def rate(successes: int, n: int) -> dict[str, float | list[float] | int]:
@@ -53,5 +36,11 @@ def identity_rate(outputs: Sequence[str], reference: Sequence[str]) -> dict:
     return rate(sum(a == b for a, b in zip(outputs, reference, strict=True)), len(reference))
 
 
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
+def refusal_rate(outputs: Sequence[str]) -> dict:
+    """The share of outputs that refuse or profess not to know."""
+    return rate(sum(bool(_REFUSAL.search(o)) for o in outputs), len(outputs))
+
+
+def degenerate_share(outputs: Sequence[str]) -> dict:
+    """The share of outputs that are empty or loop (corruption/fluency.py), with its interval."""
+    return rate(sum(map(is_degenerate, outputs)), len(outputs))

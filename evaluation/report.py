@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evaluation.harness import ROUTES
+
 SYSTEM_NAMES = {"raw": "No guard (raw vLLM)", "system_prompt": "System prompt \"do not discuss\"",
                 "refusal": "Classifier + canned refusal", "guarded": "ECO proxy (classifier + corrupted embeddings)"}
 
@@ -20,19 +22,24 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Control probes (invented facts the model cannot know), raw model: **{_pct(control)}**",
         "",
-        "| System | Forget answer rate | Retain answer rate | Retain output identical to raw | Verbatim ROUGE-L |",
-        "|---|---|---|---|---|",
+        "| System | Forget answer rate, completions | Forget answer rate, chats | Retain answer rate "
+        "| Retain output identical to raw | Degenerate continuations | Refusals in forget chats |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in report["systems"].items():
-        lines.append(f"| {SYSTEM_NAMES[name]} | {_pct(row['forget_answer_rate'])} | {_pct(row['retain_answer_rate'])} "
-                     f"| {_pct(row['retain_identical_to_raw'])} | {row['verbatim_rouge_l']:.3f} |")
-    reference = report.get("counterfactual_answer_rate_by_kind") or {}
-    if reference:
-        lines += ["", "Forget answer rate per probe kind, beside the counterfactual reference (the raw model on the "
-                  "probes' twins, whose names of the target are invented):", "",
-                  "| Probe kind | Counterfactual reference | No guard (raw vLLM) | ECO proxy |", "|---|---|---|---|"]
+        lines.append(f"| {SYSTEM_NAMES[name]} | {_pct(row['forget_answer_rate'])} | {_pct(row['forget_answer_rate_chat'])} "
+                     f"| {_pct(row['retain_answer_rate'])} | {_pct(row['retain_identical_to_raw'])} "
+                     f"| {_pct(row['continuation_degenerate_rate'])} | {_pct(row['forget_refusal_rate_chat'])} |")
+    for route, reference in (report.get("counterfactual_answer_rate_by_kind") or {}).items():
+        if not reference:
+            continue
+        key = ROUTES[route]
+        lines += ["", f"Forget answer rate per probe kind on {route}s, beside the counterfactual reference (the raw "
+                  "model on the probes' twins, whose names of the target are invented):", "",
+                  "| Probe kind | Counterfactual reference | No guard (raw vLLM) | Classifier + canned refusal | ECO proxy |",
+                  "|---|---|---|---|---|"]
         for kind, entry in reference.items():
-            by_system = [report["systems"][name]["forget_answer_rate_by_kind"].get(kind) for name in ("raw", "guarded")]
+            by_system = [report["systems"][name][key].get(kind) for name in ("raw", "refusal", "guarded")]
             lines.append(f"| {kind} | {_pct(entry)} | " + " | ".join(_pct(e) if e else "–" for e in by_system) + " |")
     lines += ["", "| Gate (guarded endpoint) | Flagged |", "|---|---|"]
     for set_name, entry in report["gate"].items():
@@ -50,9 +57,10 @@ def markdown(report: dict[str, Any]) -> str:
     goals = report["goals"]
     lines += ["", f"Goals: forget answer rate at or below control: **{'yes' if goals['forget_at_or_below_control'] else 'no'}**;"
               f" retain answer rate equal to raw: **{'yes' if goals['retain_equal_to_raw'] else 'no'}**."]
-    if goals.get("forget_within_counterfactual"):
-        lines[-1] += " Forget answer rate within the counterfactual reference's interval: " + ", ".join(
-            f"{kind} **{'yes' if met else 'no'}**" for kind, met in goals["forget_within_counterfactual"].items()) + "."
+    for route, by_kind in goals.get("forget_within_counterfactual", {}).items():
+        if by_kind:
+            lines[-1] += f" Forget answer rate on {route}s within the counterfactual reference's interval: " + ", ".join(
+                f"{kind} **{'yes' if met else 'no'}**" for kind, met in by_kind.items()) + "."
     return "\n".join(lines) + "\n"
 
 
@@ -89,10 +97,15 @@ def plots(report: dict[str, Any], directory: Path) -> list[Path]:
     plt.close(figure)
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(labels, [report["systems"][n]["verbatim_rouge_l"] for n in names], color="tab:purple")
-    left.set_ylabel("mean ROUGE-L F1")
-    left.set_title("Verbatim continuations")
-    left.tick_params(axis="x", rotation=12)
+    for offset, (key, title) in enumerate((("continuation_degenerate_rate", "degenerate continuations"),
+                                           ("forget_refusal_rate_chat", "refusals in forget chats"))):
+        left.bar([i + (offset - 0.5) * width for i in range(len(names))],
+                 [report["systems"][n][key]["rate"] for n in names], width, label=title)
+    left.set_xticks(range(len(names)), labels, rotation=12)
+    left.set_ylim(0, 1.05)
+    left.set_ylabel("share of outputs")
+    left.set_title("How the answers read")
+    left.legend()
     gate = report["gate"]
     right.bar(list(gate), [e["rate"] for e in gate.values()], color="tab:green",
               yerr=[[e["rate"] - e["ci"][0] for e in gate.values()], [e["ci"][1] - e["rate"] for e in gate.values()]],
@@ -101,7 +114,7 @@ def plots(report: dict[str, Any], directory: Path) -> list[Path]:
     right.set_ylabel("share flagged")
     right.set_title("Gate decisions")
     figure.tight_layout()
-    written.append(directory / "verbatim_and_gate.png")
+    written.append(directory / "naturalness_and_gate.png")
     figure.savefig(written[-1], dpi=120)
     plt.close(figure)
     return written

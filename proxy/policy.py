@@ -46,7 +46,7 @@ class TargetConfig(_Strict):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     corruption: CorruptionSpec | None = None
     corruption_file: Path | None = None
-    entities: list[str] | None = None  # for scope "entities"; default: the artifact's terms
+    entities: list[str] | None = None  # for scope "entities"; default: the corruption's, else the artifact's terms
     fail_mode: Literal["closed", "open"] = "closed"
 
     @model_validator(mode="after")
@@ -165,7 +165,7 @@ def _load_target(base: Path, index: int, config: TargetConfig, encoders: Encoder
         except ValueError as exc:
             field = "corruption" if config.corruption is not None else "corruption_file"
             raise PolicyError(f"{where}.{field}: {exc}") from exc
-    entities = config.entities if config.entities is not None else classifier.entities_
+    entities = next(terms for terms in (config.entities, corruption.entities, classifier.entities_) if terms is not None)
     if corruption.scope == "entities" and not entities:
         raise PolicyError(f"{where}.entities: scope 'entities' needs entity terms (none in the artifact)")
     threshold = config.threshold if config.threshold is not None else classifier.threshold_

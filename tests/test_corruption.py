@@ -215,9 +215,13 @@ def test_fluency_report():
 
 
 def test_specs_written_before_other_sigma_load_and_mean_what_they_meant():
-    shipped = CorruptionSpec.from_result_file("demo/harry_potter/corruption.json")
+    shipped = CorruptionSpec.from_result_file("demo/star_wars/corruption.json")
     # its strength was learned with every token corrupted, <bos> and the template's too, and it says so
     assert shipped.scope == "all" and shipped.other_sigma is None and shipped.corrupt_special_tokens
+    learned = CorruptionSpec.from_result_file("demo/harry_potter/corruption.json")
+    # learned on the names its counterfactual twins swap, the rest and the special tokens untouched
+    assert learned.scope == "entities" and learned.other_sigma is None and not learned.corrupt_special_tokens
+    assert {"Hermione", "Hogwarts", "Voldemort"} <= set(learned.entities)
     old_entities = CorruptionSpec.model_validate({"method": "gaussian_first_n", "dims": 4, "sigma": 2.0,
                                                   "value": None, "scope": "entities"})
     masks = token_masks(old_entities, [2, 10, 11, 12], [(0, 0), (0, 4), (4, 13), (13, 22)],

@@ -8,17 +8,10 @@ import pytest
 from corruption.probes import Probe
 from evaluation.client import Reply
 from evaluation.harness import TargetData, evaluate, load_target
-from evaluation.metrics import answer_rate, identity_rate, rouge_l_f1
+from evaluation.metrics import answer_rate, degenerate_share, identity_rate, refusal_rate
 from evaluation.report import markdown, plots
 
 pytestmark = pytest.mark.unit
-
-
-def test_rouge_l():
-    assert rouge_l_f1("the cat sat on the mat", "the cat sat on the mat") == 1.0
-    assert rouge_l_f1("", "anything") == 0.0 and rouge_l_f1("dog", "cat") == 0.0
-    # LCS "the cat the mat" = 4 of 6 candidate words and 4 of 5 reference words
-    assert rouge_l_f1("the cat sat on the mat", "The cat, the red mat") == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
 
 
 def test_rates_with_intervals():
@@ -28,6 +21,16 @@ def test_rates_with_intervals():
     assert identity_rate(["x", "y"], ["x", "z"])["rate"] == 0.5
     with pytest.raises(ValueError):
         answer_rate(probes, ["only one"])
+
+
+def test_refusals_and_degenerate_outputs_are_counted():
+    refusals = ["I'm sorry, but I can't help with that.", "I don't know who that is.", "I cannot say.",
+                "Sorry, I am unable to discuss that."]
+    answers = ["Hermione Granger, of course.", "I know a cat named Tom.", "They cannot agree on a name."]
+    assert refusal_rate(refusals)["successes"] == 4 and refusal_rate(answers)["successes"] == 0
+    looping = "the owl the owl the owl the owl"
+    assert degenerate_share(["", looping, "A fine answer with words."]) | {"ci": None} == {
+        "rate": 2 / 3, "n": 3, "successes": 2, "ci": None}
 
 
 class ScriptedEndpoint:
@@ -44,7 +47,7 @@ class ScriptedEndpoint:
     def complete(self, prompts, max_tokens, desc, one_at_a_time=False):
         return [self._reply(p) for p in prompts]
 
-    def chat(self, conversations, max_tokens, desc):
+    def chat(self, conversations, max_tokens, desc, continue_final_message=False):
         return [self._reply(c[-1]["content"]) for c in conversations]
 
 
@@ -80,20 +83,25 @@ def test_evaluate_aggregates_systems_gate_and_goals(tmp_path):
     # the system prompt is prepended, so the scripted model (matching on the ending) still answers
     assert systems["system_prompt"]["forget_answer_rate"]["rate"] == 1.0
     assert systems["refusal"]["forget_answer_rate"]["rate"] == 0.0
-    assert systems["raw"]["verbatim_rouge_l"] == 1.0 and systems["refusal"]["verbatim_rouge_l"] < 0.5
+    assert systems["raw"]["forget_answer_rate_chat"]["rate"] == 1.0 and systems["guarded"]["forget_answer_rate_chat"]["rate"] == 0.0
+    assert systems["refusal"]["forget_refusal_rate_chat"]["rate"] == 1.0  # the canned refusal is a tell ...
+    assert systems["guarded"]["forget_refusal_rate_chat"]["rate"] == 0.0  # ... a corrupted answer is not
+    assert systems["raw"]["continuation_degenerate_rate"]["n"] == 1
     assert report["gate"]["forget"]["rate"] == 1.0 and report["gate"]["retain_general"]["rate"] == 0.0
     assert report["gate"]["attack"]["rate"] == 0.0  # "Hogwartz" slips through this scripted gate
     assert report["control_answer_rate"]["rate"] == 0.0
-    assert report["counterfactual_answer_rate_by_kind"]["named"]["rate"] == 0.0
-    assert report["counterfactual_answer_rate_by_kind"]["common"]["rate"] == 1.0
+    for route in ("completion", "chat"):
+        assert report["counterfactual_answer_rate_by_kind"][route]["named"]["rate"] == 0.0
+        assert report["counterfactual_answer_rate_by_kind"][route]["common"]["rate"] == 1.0
     assert systems["raw"]["forget_answer_rate_by_kind"]["named"]["rate"] == 1.0
     assert systems["guarded"]["forget_answer_rate_by_kind"]["named"]["successes"] == 0
     assert report["goals"] == {"forget_at_or_below_control": True, "retain_equal_to_raw": True,
-                               "forget_within_counterfactual": {"named": True}}
+                               "forget_within_counterfactual": {"completion": {"named": True}, "chat": {"named": True}}}
     table = markdown(report)
     assert "| ECO proxy" in table and "Goals: forget answer rate at or below control: **yes**" in table
-    assert "| named | 0.0% [0–66] (n=2) | 100.0% [34–100] (n=2) | 0.0% [0–66] (n=2) |" in table
-    assert "| common | 100.0% [21–100] (n=1) | – | – |" in table
+    assert table.count("| named | 0.0% [0–66] (n=2) | 100.0% [34–100] (n=2) | 0.0% [0–66] (n=2) | 0.0% [0–66] (n=2) |") == 2
+    assert "| common | 100.0% [21–100] (n=1) | – | – | – |" in table
+    assert "on chats within the counterfactual reference's interval: named **yes**" in table
     assert all(p.stat().st_size > 0 for p in plots(report, tmp_path))
 
 
