@@ -156,8 +156,15 @@ class HangingClient:
         self.reader.join(5)
 
 
-def _long_request(url: str, prompt: str, stream: bool) -> HangingClient:
-    return HangingClient(url, {"model": "gemma-3-270m", "prompt": prompt, "stream": stream, **LONG})
+def _speculating(backend_url: str, url: str, gate: HeldGate, prompt: str, stream: bool, before: Gauges,
+                 tokens: int) -> HangingClient:
+    """A long request sent, asked of the held gate, and generating in vLLM (`tokens` so far) as the
+    speculative request."""
+    client = HangingClient(url, {"model": "gemma-3-270m", "prompt": prompt, "stream": stream, **LONG})
+    assert gate.asked.wait(BOUND)
+    wait_for(backend_url, lambda g: g.requests == 1 and g.generated - before.generated >= tokens,
+             "the speculative request generates")
+    return client
 
 
 def _stays_idle(backend_url: str) -> None:
@@ -176,10 +183,7 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
     app = build_app(backend.model_dir, backend.url, gate=gate)
     before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
     with Served(app) as url:
-        client = _long_request(url, FLAGGED_PROMPT, stream)
-        assert gate.asked.wait(BOUND)
-        wait_for(backend.url, lambda g: g.requests == 1 and g.generated - before.generated >= 10,
-                 "the speculative request generates")
+        client = _speculating(backend.url, url, gate, FLAGGED_PROMPT, stream, before, tokens=10)
         gate.release.set()
         assert gate.decided.wait(BOUND)
         at_verdict = gate.at_verdict
@@ -219,10 +223,7 @@ def test_a_client_leaving_before_the_verdict_stops_the_speculative_request(backe
     app = build_app(backend.model_dir, backend.url, gate=gate)
     before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
     with Served(app) as url:
-        client = _long_request(url, prompt, stream)
-        assert gate.asked.wait(BOUND)
-        wait_for(backend.url, lambda g: g.requests == 1 and g.generated - before.generated >= 3,
-                 "the speculative request generates")
+        client = _speculating(backend.url, url, gate, prompt, stream, before, tokens=3)
         client.leave()
         assert client.first_byte_at is None  # no answer can begin before the verdict
         _stays_idle(backend.url)
