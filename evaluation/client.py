@@ -36,7 +36,8 @@ class Endpoint:
              continue_final_message: bool = False) -> list[Reply]:
         """Greedy chat answers. `continue_final_message`: each conversation ends with the start of the
         assistant's answer, which the model goes on with (vLLM's parameter of that name)."""
-        continuation = {"add_generation_prompt": False, "continue_final_message": True} if continue_final_message else {}
+        continuation = ({"add_generation_prompt": False, "continue_final_message": True}
+                        if continue_final_message else {})
         bodies = [{"model": self.model, "messages": m, "max_tokens": max_tokens, "temperature": 0, **continuation}
                   for m in conversations]
         return self._run("/v1/chat/completions", bodies, desc, lambda c: c["message"]["content"] or "",

@@ -11,7 +11,7 @@ from stats.intervals import wilson_interval
 
 # What a refusal says: a tell that the answer was withheld, which a model that never read the target would
 # not give (it would guess, or write something else).
-_REFUSAL = re.compile(r"\b(I'?m sorry|I am sorry|I can(?:no|'|’)t|I cannot|I (?:do not|don'?t|don’t) know|"
+_REFUSAL = re.compile(r"\b(I'?m sorry|I am sorry|I can(?:no|'|’)t|I (?:do not|don'?t|don’t) know|"
                       r"I'?m (?:not able|unable)|I am (?:not able|unable)|not able to (?:help|discuss|share))\b",
                       re.IGNORECASE)
 

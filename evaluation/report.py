@@ -27,8 +27,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in report["systems"].items():
-        lines.append(f"| {SYSTEM_NAMES[name]} | {_pct(row['forget_answer_rate'])} | {_pct(row['forget_answer_rate_chat'])} "
-                     f"| {_pct(row['retain_answer_rate'])} | {_pct(row['retain_identical_to_raw'])} "
+        lines.append(f"| {SYSTEM_NAMES[name]} | {_pct(row['forget_answer_rate'])} "
+                     f"| {_pct(row['forget_answer_rate_chat'])} | {_pct(row['retain_answer_rate'])} | {_pct(row['retain_identical_to_raw'])} "
                      f"| {_pct(row['continuation_degenerate_rate'])} | {_pct(row['forget_refusal_rate_chat'])} |")
     for route, reference in (report.get("counterfactual_answer_rate_by_kind") or {}).items():
         if not reference:
@@ -36,7 +36,8 @@ def markdown(report: dict[str, Any]) -> str:
         key = ROUTES[route]
         lines += ["", f"Forget answer rate per probe kind on {route}s, beside the counterfactual reference (the raw "
                   "model on the probes' twins, whose names of the target are invented):", "",
-                  "| Probe kind | Counterfactual reference | No guard (raw vLLM) | Classifier + canned refusal | ECO proxy |",
+                  "| Probe kind | Counterfactual reference | No guard (raw vLLM) | Classifier + canned refusal "
+                  "| ECO proxy |",
                   "|---|---|---|---|---|"]
         for kind, entry in reference.items():
             by_system = [report["systems"][name][key].get(kind) for name in ("raw", "refusal", "guarded")]
@@ -59,8 +60,8 @@ def markdown(report: dict[str, Any]) -> str:
               f" retain answer rate equal to raw: **{'yes' if goals['retain_equal_to_raw'] else 'no'}**."]
     for route, by_kind in goals.get("forget_within_counterfactual", {}).items():
         if by_kind:
-            lines[-1] += f" Forget answer rate on {route}s within the counterfactual reference's interval: " + ", ".join(
-                f"{kind} **{'yes' if met else 'no'}**" for kind, met in by_kind.items()) + "."
+            lines[-1] += (f" Forget answer rate on {route}s within the counterfactual reference's interval: "
+                          + ", ".join(f"{kind} **{'yes' if met else 'no'}**" for kind, met in by_kind.items()) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -65,8 +65,9 @@ def register(groups: argparse._SubParsersAction) -> None:
 
     evaluate = groups.add_parser(
         "eval", help="measure unlearning and utility: raw backend vs guarded endpoint",
-        description="Runs knowledge (completions and chats), naturalness, utility, gate, sustainability and baseline "
-                    "measurements against two OpenAI-compatible endpoints; writes report.json, report.md and PNG plots.")
+        description="Runs knowledge (completions and chats), naturalness, utility, gate, sustainability and "
+                    "baseline measurements against two OpenAI-compatible endpoints; writes report.json, report.md "
+                    "and PNG plots.")
     evaluate.add_argument("--raw", required=True, help="the unguarded endpoint (vLLM), e.g. http://127.0.0.1:8100")
     evaluate.add_argument("--guarded", required=True, help="the guarded endpoint, e.g. http://127.0.0.1:8000")
     evaluate.add_argument("--data", default="demo/harry_potter", help="the target's data directory")

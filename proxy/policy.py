@@ -165,9 +165,11 @@ def _load_target(base: Path, index: int, config: TargetConfig, encoders: Encoder
         except ValueError as exc:
             field = "corruption" if config.corruption is not None else "corruption_file"
             raise PolicyError(f"{where}.{field}: {exc}") from exc
-    entities = next(terms for terms in (config.entities, corruption.entities, classifier.entities_) if terms is not None)
+    entities = next(terms for terms in (config.entities, corruption.entities, classifier.entities_)
+                    if terms is not None)
     if corruption.scope == "entities" and not entities:
-        raise PolicyError(f"{where}.entities: scope 'entities' needs entity terms (none in the artifact)")
+        raise PolicyError(f"{where}.entities: scope 'entities' needs entity terms (none in the policy, the corruption "
+                          "or the artifact)")
     threshold = config.threshold if config.threshold is not None else classifier.threshold_
     if threshold is None:
         raise PolicyError(f"{where}.threshold: the artifact is not calibrated; set a threshold")

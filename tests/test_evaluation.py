@@ -83,7 +83,8 @@ def test_evaluate_aggregates_systems_gate_and_goals(tmp_path):
     # the system prompt is prepended, so the scripted model (matching on the ending) still answers
     assert systems["system_prompt"]["forget_answer_rate"]["rate"] == 1.0
     assert systems["refusal"]["forget_answer_rate"]["rate"] == 0.0
-    assert systems["raw"]["forget_answer_rate_chat"]["rate"] == 1.0 and systems["guarded"]["forget_answer_rate_chat"]["rate"] == 0.0
+    assert systems["raw"]["forget_answer_rate_chat"]["rate"] == 1.0
+    assert systems["guarded"]["forget_answer_rate_chat"]["rate"] == 0.0
     assert systems["refusal"]["forget_refusal_rate_chat"]["rate"] == 1.0  # the canned refusal is a tell ...
     assert systems["guarded"]["forget_refusal_rate_chat"]["rate"] == 0.0  # ... a corrupted answer is not
     assert systems["raw"]["continuation_degenerate_rate"]["n"] == 1
@@ -99,7 +100,8 @@ def test_evaluate_aggregates_systems_gate_and_goals(tmp_path):
                                "forget_within_counterfactual": {"completion": {"named": True}, "chat": {"named": True}}}
     table = markdown(report)
     assert "| ECO proxy" in table and "Goals: forget answer rate at or below control: **yes**" in table
-    assert table.count("| named | 0.0% [0–66] (n=2) | 100.0% [34–100] (n=2) | 0.0% [0–66] (n=2) | 0.0% [0–66] (n=2) |") == 2
+    named_row = "| named | 0.0% [0–66] (n=2) | 100.0% [34–100] (n=2) | 0.0% [0–66] (n=2) | 0.0% [0–66] (n=2) |"
+    assert table.count(named_row) == 2
     assert "| common | 100.0% [21–100] (n=1) | – | – | – |" in table
     assert "on chats within the counterfactual reference's interval: named **yes**" in table
     assert all(p.stat().st_size > 0 for p in plots(report, tmp_path))

@@ -33,7 +33,8 @@ def test_entity_terms_come_from_the_policy_then_the_corruption_then_the_artifact
     [target] = load_policy(_policy(tmp_path, learned, entities=["Snape"])).targets
     assert target.entities == ("Snape",)
     [target] = load_policy(_policy(tmp_path, {**learned, "entities": None})).targets
-    assert target.entities and target.entities == tuple(json.loads((ARTIFACT / "classifier.json").read_text())["entities"])
+    artifact_terms = tuple(json.loads((ARTIFACT / "classifier.json").read_text())["entities"])
+    assert target.entities and target.entities == artifact_terms
 
 
 @pytest.mark.parametrize("spec,message", [
