@@ -96,6 +96,19 @@ def load_records(directory: str | Path) -> list[GateRecord]:
 
 
 # -- split ---------------------------------------------------------------------------------
+def same_text_key(text: str) -> str:
+    """A text as compared across splits: case, punctuation and spacing do not make a new prompt."""
+    return " ".join(re.findall(r"\w+", text.casefold()))
+
+
+def apart_from(records: Iterable[GateRecord], held_out: Iterable[GateRecord]) -> list[GateRecord]:
+    """The records that share neither a cluster nor a text with `held_out` (a frozen test split)."""
+    held_out = list(held_out)
+    clusters = {r.cluster for r in held_out}
+    texts = {same_text_key(r.text) for r in held_out}
+    return [r for r in records if r.cluster not in clusters and same_text_key(r.text) not in texts]
+
+
 def _rank_key(cluster: str, seed: int) -> bytes:
     return hashlib.sha256(f"{seed}\0{cluster}".encode("utf-8")).digest()
 

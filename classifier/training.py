@@ -53,13 +53,12 @@ def term_records(directory: Path) -> list[GateRecord]:
 def gate_splits(directory: Path, seed: int, diluted_fraction: float) -> dict[str, list[GateRecord]]:
     """train and calibration (DIR/train split by cluster) and test (DIR/test), each with diluted forget
     prompts made from its own forget and long-document records; the term prompts join train."""
-    from classifier.gate_data import diluted, load_records, split_by_cluster
+    from classifier.gate_data import apart_from, diluted, load_records, split_by_cluster
 
     test = load_records(directory / "test")
-    # The test split was written apart; a cluster named in it (the same entity or topic) is kept out of
-    # training and calibration too, so that no entity sits on both sides.
-    test_clusters = {r.cluster for r in test}
-    kept = [r for r in load_records(directory / "train") if r.cluster not in test_clusters]
+    # The test split was written apart; a cluster it names (the same entity or topic) or a text it holds
+    # is kept out of training and calibration too, so that nothing sits on both sides.
+    kept = apart_from(load_records(directory / "train"), test)
     parts = split_by_cluster(kept, seed=seed)
     splits = {"train": parts["train"] + term_records(directory), "calibration": parts["calibration"], "test": test}
     for offset, (name, records) in enumerate(splits.items()):

@@ -125,3 +125,36 @@ def test_the_target_vocabulary_joins_the_training_split_only(tmp_path):
     assert {r.label for r in terms if "Willow Smith" in r.text} == {"retain"}
     assert not any(r.cluster.startswith("term:") for name in ("calibration", "test") for r in splits[name])
     assert gate_splits(tmp_path, seed=0, diluted_fraction=0.0)["train"] == splits["train"]  # deterministic
+
+
+def test_a_text_or_cluster_of_the_test_split_is_kept_out_of_training_and_calibration(tmp_path):
+    from classifier.training import gate_splits
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    lines = [{"text": f"question {i} about topic {i}", "label": "forget" if i % 2 else "retain",
+              "group": "direct" if i % 2 else "everyday", "cluster": f"c{i}"} for i in range(20)]
+    _write(tmp_path / "train" / "a.jsonl", lines)
+    _write(tmp_path / "test" / "b.jsonl", [{**lines[0], "text": "Question 0 -- about  TOPIC 0?", "cluster": "t0"},
+                                           {**lines[1], "text": "another text", "cluster": "c1"}])
+    splits = gate_splits(tmp_path, seed=0, diluted_fraction=0.0)
+    fitted = [r.text for name in ("train", "calibration") for r in splits[name]]
+    assert "question 0 about topic 0" not in fitted  # the same words, cased and punctuated otherwise
+    assert "question 1 about topic 1" not in fitted  # the same cluster
+    assert "question 2 about topic 2" in fitted
+
+
+def test_the_shipped_gate_never_trains_on_a_held_out_probe():
+    """The evaluation's held-out probes (knowledge and retain) measure the gate as well as the corruption."""
+    from pathlib import Path
+
+    from classifier.data import split_of
+    from classifier.gate_data import same_text_key
+
+    demo = Path(__file__).resolve().parent.parent / "demo" / "harry_potter"
+    trained = {same_text_key(r.text) for r in load_records(demo / "gate" / "train")}
+    held_out = [json.loads(line)["prompt"] for name in ("probes.jsonl", "retain_probes.jsonl")
+                for line in (demo / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    held_out = [p for p in held_out if split_of(p) != "train"]
+    assert len(held_out) > 40
+    assert not [p for p in held_out if same_text_key(p) in trained]
