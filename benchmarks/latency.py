@@ -26,7 +26,7 @@ second, and the tokens vLLM processed per request (its own counters), speculativ
 worktree, with that commit's own demo policy and artifacts) as a third route, for a
 before/after comparison measured side by side; its results go to `latency_vs_REF.*`.
 
-    .venv/bin/python benchmarks/latency.py [--quick] [--backend-url URL] [--compare-ref REF] [--no-throughput]
+    .venv/bin/python benchmarks/latency.py [--quick] [--backend-url URL] [--compare-ref REF] [--no-throughput] [--name NAME]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import subprocess
 import tempfile
 import time
@@ -393,6 +394,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (ignore_eos)")
     parser.add_argument("--compare-ref", help="also run the proxy as of this git commit, as route 'before'")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput cost of wasted prefills")
+    parser.add_argument("--name", help="result file name (default: latency, or latency_vs_REF with --compare-ref)")
     parser.add_argument("--phase-seconds", type=float, help="cap on each phase's time (default: 60 quick, 180 full)")
     parser.add_argument("--throughput-requests", type=int, help="requests per throughput run (default: 200 quick, "
                                                                      "500 full)")
@@ -462,8 +464,9 @@ def main() -> int:
     payload = {**result_header(), "mode": mode, "backend_url": args.backend_url, "model": model,
                "policy": str(DEMO_POLICY.relative_to(REPO_ROOT)), "max_tokens": args.max_tokens, "endpoint": "/v1/chat/completions (stream)",
                "compare_ref": args.compare_ref, "goal": check, "ttft_goal": ttft, "phases": rows,
-               "throughput": throughput}
-    name = f"latency_vs_{args.compare_ref}" if args.compare_ref else "latency"  # the plain run stays the headline
+               "throughput": throughput, "cpus": sorted(os.sched_getaffinity(0))}
+    # the plain run stays the headline unless named otherwise
+    name = args.name or (f"latency_vs_{args.compare_ref}" if args.compare_ref else "latency")
     print(f"\nsaved {save_json(name, payload)}", flush=True)  # the figures first: a plot may fail on odd data
     print(f"saved {plot(rows, routes, name)}")
     return 0
