@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,6 +25,14 @@ class GateClassifier(Protocol):
     def score(self, texts: Sequence[str]) -> np.ndarray: ...
 
     def score_segments(self, segments: Sequence[str], stop_above: float | None = None) -> float: ...
+
+
+@runtime_checkable
+class NamesTerms(Protocol):
+    """A classifier whose target vocabulary is a sure sign, read without the encoder (the fine-tuned gate):
+    a prompt naming one of its terms scores 1."""
+
+    def named_term(self, segments: Sequence[str]) -> str | None: ...
 
 
 def artifact_kind(directory: str | Path) -> str:

@@ -27,12 +27,17 @@ from starlette.concurrency import run_in_threadpool
 
 from corruption.embeddings import EmbeddingTable
 from corruption.prompt import corrupted_embeddings, token_masks
+from classifier.loading import NamesTerms
 from proxy.observability import AuditLog, Metrics, prompt_hash
 from proxy.policy import ActivePolicy, ActiveTarget
 from proxy.prompts import Prompt
 from vllm_client import prompt_embeds_base64, request_body_with_embeds
 
 log = logging.getLogger(__name__)
+
+# The sure check runs on the event loop, before anything is sent, so only prompts this short are read
+# there (measured: 0.2 ms for a one-line prompt, about 2.6 ms for 1,900 characters).
+SURE_CHECK_MAX_CHARS = 1_000
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,21 @@ class Guard:
         except TimeoutError:
             log.error("classification exceeded %.1f s; applying each target's fail mode", timeout)
             return [self.failed(policy) for _ in prompts]
+
+    def surely_flagged(self, policy: ActivePolicy, prompts: list[Prompt]) -> bool:
+        """Whether a short prompt names a term of a target's vocabulary: the verdict `plan` will reach (such a
+        prompt scores 1), known before any encoder pass. Speculative dispatch then sends nothing early."""
+        if sum(len(segment) for prompt in prompts for segment in prompt.segments) > SURE_CHECK_MAX_CHARS:
+            return False
+        for target in policy.targets:
+            if not isinstance(target.classifier, NamesTerms) or target.threshold >= 1.0:
+                continue
+            try:
+                if any(target.classifier.named_term(list(dict.fromkeys(p.segments))) is not None for p in prompts):
+                    return True
+            except Exception:  # `plan` decides, and counts the failure
+                log.exception("vocabulary check for target %s failed", target.name)
+        return False
 
     def decide(self, policy: ActivePolicy, prompt: Prompt) -> Decision:
         segments = list(dict.fromkeys(prompt.segments))

@@ -43,6 +43,10 @@ class Metrics:
                                    "Speculative requests by what reached the proxy first: the verdict or vLLM's "
                                    "first output (the verdict-before-first-token rate is first=verdict over all)",
                                    ["first"], registry=self.registry)
+        self.speculation_skipped = Counter("eco_speculation_skipped",
+                                           "Requests sent only after the verdict in speculative mode: the prompt "
+                                           "names a term of a target's vocabulary, so it is flagged for sure",
+                                           registry=self.registry)
         self.hold_seconds = Histogram("eco_hold_seconds",
                                       "How long vLLM's output was held waiting for the verdict (0: the verdict "
                                       "came first), by path", ["path"], buckets=(0.0,) + _LATENCY_BUCKETS,

@@ -90,9 +90,13 @@ class Serving:
             # The prompt(s) as the model will see them, refused before any classifying if they cannot fit.
             prompts = await run_in_threadpool(self.prompts, parsed)
             context = await check_context(state, prompts)
-            if policy.dispatch == "speculative":  # validated: vLLM starts now, its answer held until the verdict
-                speculation = Speculation(state.upstream, self.path, parsed.upstream_fields(include_classified=True),
-                                          HoldLimits(policy.hold_max_bytes, policy.hold_max_tokens))
+            if policy.dispatch == "speculative":  # validated: vLLM starts now, its answer held until the verdict,
+                if state.guard.surely_flagged(policy, prompts):  # unless that answer would surely be dropped
+                    state.metrics.speculation_skipped.inc()
+                else:
+                    speculation = Speculation(state.upstream, self.path,
+                                              parsed.upstream_fields(include_classified=True),
+                                              HoldLimits(policy.hold_max_bytes, policy.hold_max_tokens))
             plan = await state.guard.plan(policy, self.endpoint, prompts, state.classify_timeout,
                                           lambda: self.flagged_request(parsed, prompts, context))
         except RequestRefused as exc:

@@ -191,6 +191,43 @@ def test_sequential_mode_sends_nothing_before_the_verdict(model_dir):
     assert seen == [0] and [call.raw for call in upstream.calls] == [False]
 
 
+class VocabularyGate(KeywordGate):
+    """The keyword gate with a vocabulary, as the fine-tuned gate has: its words are sure signs."""
+
+    def named_term(self, segments: list[str]) -> str | None:
+        return "harry potter" if self.score_segments(segments) else None
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_a_prompt_naming_a_term_of_the_vocabulary_is_never_speculated(model_dir, endpoint):
+    """Flagged for sure before any encoder pass: vLLM is asked once, with the corrupted prompt, as in sequential
+    mode; a prompt without a term is still speculated."""
+    upstream = RecordingUpstream()
+    client = _client(model_dir, upstream, gate=VocabularyGate())
+    response = client.post(_path(endpoint), json=_body(endpoint, FLAGGED, True))
+    assert response.status_code == 200 and response.headers["x-eco-flagged"] == "true"
+    assert [call.raw for call in upstream.calls] == [False]
+    assert _sample(client, "eco_speculation_skipped_total") == 1
+    assert _sample(client, "eco_speculative_aborted_total", {"reason": "flagged"}) == 0
+    client.post(_path(endpoint), json=_body(endpoint, PLAIN, True))
+    assert [call.raw for call in upstream.calls] == [False, True]
+    assert _sample(client, "eco_speculation_skipped_total") == 1
+
+
+def test_a_term_decides_nothing_early_where_a_score_of_1_would_not_flag(model_dir):
+    """A policy threshold of 1.0 flags no score (a score must exceed it): the term is no sure sign there."""
+    from dataclasses import replace
+
+    upstream = RecordingUpstream()
+    client = _client(model_dir, upstream, gate=VocabularyGate())
+    state = client.app.state.proxy
+    state.policy = replace(state.policy, targets=tuple(replace(t, threshold=1.0) for t in state.policy.targets))
+    response = client.post("/v1/completions", json=_body("completions", FLAGGED, False))
+    assert response.headers["x-eco-flagged"] == "false"
+    assert [call.raw for call in upstream.calls] == [True]
+    assert _sample(client, "eco_speculation_skipped_total") == 0
+
+
 # --- the verdict and the first token, in either order ---------------------------------------
 
 def test_verdict_slower_than_the_first_token(model_dir):
