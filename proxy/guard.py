@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from classifier.loading import NamesTerms
 from corruption.embeddings import EmbeddingTable
 from corruption.prompt import corrupted_embeddings, token_masks
-from classifier.loading import NamesTerms
 from proxy.observability import AuditLog, Metrics, prompt_hash
 from proxy.policy import ActivePolicy, ActiveTarget
 from proxy.prompts import Prompt
@@ -197,7 +197,7 @@ class Guard:
         if sum(len(segment) for prompt in prompts for segment in prompt.segments) > SURE_CHECK_MAX_CHARS:
             return False
         for target in policy.targets:
-            if not isinstance(target.classifier, NamesTerms) or target.threshold >= 1.0:
+            if not isinstance(target.classifier, NamesTerms) or not _flags(target, 1.0):  # a term scores 1
                 continue
             try:
                 if any(target.classifier.named_term(list(dict.fromkeys(p.segments))) is not None for p in prompts):
@@ -219,7 +219,7 @@ class Guard:
                 verdicts.append(Verdict(target, None, target.fail_mode == "closed"))
                 continue
             self.metrics.classifier_latency.labels(target.name).observe(time.perf_counter() - started)
-            verdicts.append(Verdict(target, score, score > target.threshold))
+            verdicts.append(Verdict(target, score, _flags(target, score)))
         return Decision(tuple(verdicts))
 
     def failed(self, policy: ActivePolicy) -> Decision:
@@ -238,6 +238,11 @@ class Guard:
                             self.special_token_ids)
         return corrupted_embeddings(self.embeddings, prompt.token_ids, target.corruption, masks, self.secret_key,
                                     target.name)
+
+
+def _flags(target: ActiveTarget, score: float) -> bool:
+    """A score flags a prompt for a target when it exceeds the target's threshold."""
+    return score > target.threshold
 
 
 def audit_record(policy: ActivePolicy, endpoint: str, prompts: list[Prompt], decision: RequestDecision

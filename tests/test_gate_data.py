@@ -150,11 +150,11 @@ def test_the_shipped_gate_never_trains_on_a_held_out_probe():
 
     from classifier.data import split_of
     from classifier.gate_data import same_text_key
+    from corruption.probes import read_probes
 
     demo = Path(__file__).resolve().parent.parent / "demo" / "harry_potter"
     trained = {same_text_key(r.text) for r in load_records(demo / "gate" / "train")}
-    held_out = [json.loads(line)["prompt"] for name in ("probes.jsonl", "retain_probes.jsonl")
-                for line in (demo / name).read_text(encoding="utf-8").splitlines() if line.strip()]
-    held_out = [p for p in held_out if split_of(p) != "train"]
+    held_out = [p.prompt for name in ("probes.jsonl", "retain_probes.jsonl") for p in read_probes(demo / name)
+                if split_of(p.prompt) != "train"]
     assert len(held_out) > 40
     assert not [p for p in held_out if same_text_key(p) in trained]
