@@ -36,7 +36,8 @@ pytestmark = pytest.mark.backend
 FLAGGED_PROMPT = "Harry Potter's best friends are Ron Weasley and"  # the keyword gate flags "harry potter"
 UNFLAGGED_PROMPT = "Write a very long story about a lighthouse."
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0}  # runs for over a minute at ~20 tokens/s
-BOUND = 15.0  # seconds any awaited change may take on a loaded machine (the abort itself takes ~0.1 s)
+BOUND = 30.0  # seconds any awaited change may take on a loaded machine (the abort itself takes ~0.1 s)
+HELD_GATE_DEADLINE = 4 * BOUND  # the proxy's classification deadline: the held gate, not the deadline, decides
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,10 @@ class HeldGate(KeywordGate):
     def score_segments(self, segments: list[str], stop_above: float | None = None) -> float:
         self.asked.set()
         self.release.wait(2 * BOUND)
-        self.at_verdict = gauges(self.backend_url)
-        self.decided.set()
+        try:
+            self.at_verdict = gauges(self.backend_url)
+        finally:
+            self.decided.set()
         return super().score_segments(segments)
 
 
@@ -180,7 +183,7 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
     """The speculative request generates while the gate decides; at the flagged verdict it is aborted,
     within a bound, and only the corrupted request runs; when the client leaves, that one stops too."""
     gate = HeldGate(backend.url)
-    app = build_app(backend.model_dir, backend.url, gate=gate)
+    app = build_app(backend.model_dir, backend.url, gate=gate, classify_timeout=HELD_GATE_DEADLINE)
     before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
     with Served(app) as url:
         client = _speculating(backend.url, url, gate, FLAGGED_PROMPT, stream, before, tokens=10)
@@ -192,9 +195,8 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
         # stopped (were it running still, two would show until its 1,500 tokens were done).
         alone = wait_for(backend.url, lambda g: g.prompt_tokens > at_verdict.prompt_tokens and g.requests == 1,
                          "the corrupted request runs alone")
-        time.sleep(0.5)
-        later = gauges(backend.url)
-        assert later.requests == 1 and later.generated > alone.generated, later  # the corrupted one runs on
+        wait_for(backend.url, lambda g: g.requests == 1 and g.generated > alone.generated,
+                 "the corrupted request runs on, alone")
         if stream:
             deadline = time.monotonic() + BOUND
             while not client.text and time.monotonic() < deadline:
@@ -220,7 +222,7 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_leaving_before_the_verdict_stops_the_speculative_request(backend, stream, prompt):
     gate = HeldGate(backend.url)
-    app = build_app(backend.model_dir, backend.url, gate=gate)
+    app = build_app(backend.model_dir, backend.url, gate=gate, classify_timeout=HELD_GATE_DEADLINE)
     before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
     with Served(app) as url:
         client = _speculating(backend.url, url, gate, prompt, stream, before, tokens=3)
