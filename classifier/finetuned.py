@@ -58,6 +58,11 @@ def text_pieces(text: str) -> list[str]:
 EARLY_EXIT_PIECES = 4  # the first group of pieces scored while a caller waits for one above its threshold
 
 
+def _ordinary_words(tokenizer: Any) -> list[str]:
+    """The encoder's whole words, standing for the language's ordinary ones ("##" marks a word piece)."""
+    return [word for word in tokenizer.get_vocab() if word.isalpha() and not word.startswith("##")]
+
+
 def _sigmoid(margins: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(margins, dtype=np.float64)))
 
@@ -191,9 +196,7 @@ class FineTunedClassifier:
         self.tokenizer_ = tokenizer
         self._tokenizer_dir = source  # its files are copied into the artifact
         self.stage1_ = stage1
-        # the encoder's whole words stand for the language's ordinary ones ("##" marks a word piece)
-        ordinary = (word for word in tokenizer.get_vocab() if word.isalpha() and not word.startswith("##"))
-        self.vocabulary_ = TermMatcher(self.terms, ordinary).fit(
+        self.vocabulary_ = TermMatcher(self.terms, _ordinary_words(tokenizer)).fit(
             text for text, label in zip(texts, labels) if label == 0)
         self.stage1_threshold_: float | None = None
         self.bert_config_ = model.encoder.config.to_dict()
@@ -474,7 +477,7 @@ class FineTunedClassifier:
         classifier.stage1_threshold_ = meta["stage1_threshold"]
         vocabulary = meta.get("vocabulary", {})
         classifier.vocabulary_ = TermMatcher.fitted(vocabulary.get("terms", []), vocabulary.get("typo_terms", []),
-                                                    vocabulary.get("dropped"))
+                                                    vocabulary.get("dropped"), _ordinary_words(classifier.tokenizer_))
         classifier.terms = list(vocabulary.get("terms", [])) + list(vocabulary.get("dropped", {}))
         classifier.group_thresholds_ = meta.get("group_thresholds", {})
         classifier.alpha_, classifier.delta_ = meta["alpha"], meta["delta"]

@@ -9,14 +9,17 @@ by construction and calibration measures what slips through.
 Matching runs on every reading `classifier.normalize.variants` gives, plus two that cost nothing
 here (ROT13 and the text reversed); words compare case-folded, hyphens and spaces alike, with a
 plural on the last word, and a term within one typo: a long one-word term ("Expeliarmus",
-"Quiddtich"), or one word of five letters or more in a longer term ("wingardium leviossa"). Terms
-written in scripts without spaces (Chinese, Japanese, Korean) match as substrings.
+"Quiddtich"), or one word of five letters or more in a longer term ("wingardium leviossa"). A word
+as typed that is an ordinary word of the language ("carrots", "gallows") is never read as a typo of a
+term ("the Carrows", "Deathly Hallows"). Terms written in scripts without spaces (Chinese, Japanese,
+Korean) match as substrings.
 """
 from __future__ import annotations
 
 import codecs
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from classifier.normalize import variants
@@ -24,9 +27,10 @@ from classifier.normalize import variants
 _WORD = re.compile(r"\w+")
 _UNSPACED_SCRIPTS = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _PLURALS = ("s", "es")
+_INFLECTIONS = ("s", "es", "ed", "ing", "ly")  # an ordinary word with one of these is ordinary too
 TYPO_MIN_LENGTH = 8  # shorter words are one typo away from too many ordinary ones
 TYPO_MIN_LENGTH_IN_PHRASE = 5  # the rest of the phrase, spelled right, already narrows it down
-MAX_TERMS_PER_ANCHOR = 5  # a word more terms share is too common to look for phrases around
+ANCHORS_PER_PHRASE = 2  # one word of a phrase may be mistyped: another one still finds it
 
 
 def _fold(text: str) -> str:
@@ -46,21 +50,18 @@ def readings(text: str) -> list[str]:
 class TermMatcher:
     """Finds the first term of a vocabulary in a text. `fit` keeps the terms no retain text uses.
 
-    `ordinary_words`: a lexicon of the language (e.g. an encoder's word list); a term whose long word is
-    one typo from an ordinary word ("Carrows", "carrots") is matched only as written.
+    `ordinary_words`: a lexicon of the language (e.g. an encoder's word list); a word typed as one of them
+    ("carrots") is never taken for a typo of a term ("the Carrows"), only the term as written is.
     """
 
     def __init__(self, terms: Sequence[str] = (), ordinary_words: Iterable[str] = ()):
         self.terms = list(terms)
         self.ordinary_words = ordinary_words
+        self._lexicon = frozenset(_fold(word) for word in ordinary_words)
 
     def fit(self, retain_texts: Iterable[str]) -> "TermMatcher":
-        """Keep the terms no retain text names, and allow a typo only in terms no retain word or ordinary
-        word is a typo of."""
-        lexicon = {_fold(word) for word in self.ordinary_words}
-        eligible = [term for term in self.terms if self._typo_eligible(term) and
-                    not any(_near_word(word, lexicon) for word in term_words(term)
-                            if len(word) >= TYPO_MIN_LENGTH_IN_PHRASE)]
+        """Keep the terms no retain text names, and allow a typo only in terms no retain word is a typo of."""
+        eligible = [term for term in self.terms if self._typo_eligible(term)]
         self._index(self.terms, eligible)
         exact: dict[str, int] = {}
         typos: set[str] = set()
@@ -77,10 +78,10 @@ class TermMatcher:
         return self
 
     @classmethod
-    def fitted(cls, terms: Sequence[str], typo_terms: Sequence[str], dropped: dict[str, int] | None = None
-               ) -> "TermMatcher":
-        """A matcher from a saved fit."""
-        matcher = cls(terms)
+    def fitted(cls, terms: Sequence[str], typo_terms: Sequence[str], dropped: dict[str, int] | None = None,
+               ordinary_words: Iterable[str] = ()) -> "TermMatcher":
+        """A matcher from a saved fit (and the lexicon it was fitted with)."""
+        matcher = cls(terms, ordinary_words)
         matcher.terms_, matcher.typo_terms_, matcher.dropped_terms_ = list(terms), list(typo_terms), dict(dropped or {})
         matcher._index(matcher.terms_, matcher.typo_terms_)
         return matcher
@@ -109,21 +110,23 @@ class TermMatcher:
         # a long one-word term, each form of it with one letter deleted (and where), for distance-one typos
         self._typo_words: dict[str, list[str]] = {}
         self._deleted: dict[tuple[str, int], list[str]] = {}
-        # a longer term under each of its anchors, with the anchor's place in it: its words that few terms
-        # share ("ron", not "the"), so that a phrase is tried only where one of them stands
+        # a longer term under each of its anchors, with the anchor's place in it: its two words fewest terms
+        # share ("deathly", not "the"), so that a phrase is tried only where one of them stands
         self._anchors: dict[str, list[tuple[tuple[str, ...], int, str]]] = {}
+        phrases = [(term, words) for term in typo_terms if len(words := term_words(term)) > 1]
+        sharing = Counter(word for _, words in phrases for word in set(words))
+        for term, words in phrases:
+            places = sorted(range(len(words)), key=lambda place: (sharing[words[place]], -len(words[place])))
+            for place in places[:ANCHORS_PER_PHRASE]:
+                self._anchors.setdefault(words[place], []).append((words, place, term))
         for term in typo_terms:
             words = term_words(term)
             if len(words) > 1:
-                for place, word in enumerate(words):
-                    self._anchors.setdefault(word, []).append((words, place, term))
                 continue
             word = words[0]
             self._typo_words.setdefault(word, []).append(term)
             for position in range(len(word)):
                 self._deleted.setdefault((word[:position] + word[position + 1:], position), []).append(term)
-        self._anchors = {word: phrases for word, phrases in self._anchors.items()
-                         if len(word) >= 3 and len(phrases) <= MAX_TERMS_PER_ANCHOR}
 
     def find(self, text: str) -> str | None:
         """The first term found in any reading of `text`, or None."""
@@ -138,12 +141,14 @@ class TermMatcher:
                     yield term, False
             words = _WORD.findall(folded)
             for start, word in enumerate(words):
-                if len(word) >= TYPO_MIN_LENGTH - 1 and self._deleted:
+                if len(word) >= TYPO_MIN_LENGTH - 1 and self._deleted and not self._ordinary(word):
                     for term in self._typos_of(word):
                         yield term, True
                 for phrase, place, term in self._anchors.get(word, ()):
                     first = start - place
-                    if first >= 0 and _phrase_with_one_typo(words[first:first + len(phrase)], phrase):
+                    typed = words[first:first + len(phrase)]
+                    mistyped = _mistyped_word(typed, phrase) if first >= 0 else None
+                    if mistyped is not None and not self._ordinary(mistyped):
                         yield term, True
                 if word not in self._first:
                     continue
@@ -151,6 +156,11 @@ class TermMatcher:
                     term = self._term_at(tuple(words[start:stop]))
                     if term is not None:
                         yield term, False
+
+    def _ordinary(self, word: str) -> bool:
+        """Whether a typed word is an ordinary word of the lexicon, or one inflected ("hollows", "hollowed")."""
+        return word in self._lexicon or any(
+            word.endswith(ending) and word[:-len(ending)] in self._lexicon for ending in _INFLECTIONS)
 
     def _term_at(self, words: tuple[str, ...]) -> str | None:
         term = self._by_words.get(words)
@@ -176,13 +186,16 @@ class TermMatcher:
         return list(dict.fromkeys(term for terms in found for term in terms if term_words(term)[0] != word))
 
 
-def _phrase_with_one_typo(typed: list[str], phrase: tuple[str, ...]) -> bool:
-    """The words typed are the phrase with exactly one of its words of 5 letters or more mistyped."""
+def _mistyped_word(typed: list[str], phrase: tuple[str, ...]) -> str | None:
+    """The word as typed, when the words typed are the phrase with exactly one of its words of 5 letters or
+    more mistyped; else None."""
     if len(typed) != len(phrase):
-        return False
+        return None
     different = [place for place, (a, b) in enumerate(zip(typed, phrase)) if a != b]
-    return len(different) == 1 and len(phrase[different[0]]) >= TYPO_MIN_LENGTH_IN_PHRASE and \
-        _one_typo_apart(typed[different[0]], phrase[different[0]])
+    if len(different) == 1 and len(phrase[different[0]]) >= TYPO_MIN_LENGTH_IN_PHRASE and \
+            _one_typo_apart(typed[different[0]], phrase[different[0]]):
+        return typed[different[0]]
+    return None
 
 
 def _one_typo_apart(typed: str, word: str) -> bool:
@@ -197,15 +210,3 @@ def _one_typo_apart(typed: str, word: str) -> bool:
         return typed[start:] == word[start + 1:]
     return typed[start + 1:] == word[start:]
 
-
-def _near_word(word: str, lexicon: set[str]) -> bool:
-    """Whether an ordinary word other than `word` itself (or its plural) is one typo from it."""
-    letters = set("abcdefghijklmnopqrstuvwxyz") | set(word)
-    plurals = {word + ending for ending in _PLURALS}
-    edits = {word[:i] + word[i + 1:] for i in range(len(word))}  # one missing
-    edits |= {word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1)}  # swapped
-    for i in range(len(word) + 1):
-        edits |= {word[:i] + letter + word[i:] for letter in letters}  # one extra
-        if i < len(word):
-            edits |= {word[:i] + letter + word[i + 1:] for letter in letters}  # one replaced
-    return bool((edits - plurals - {word}) & lexicon)

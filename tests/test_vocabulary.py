@@ -61,8 +61,24 @@ def test_a_saved_fit_matches_the_same(matcher):
         assert loaded.find(text) == matcher.find(text)
 
 
-def test_a_term_one_typo_from_an_ordinary_word_matches_only_as_written():
-    matcher = TermMatcher(["the Carrows", "Whomping Willow"], ordinary_words=["carrots", "willows", "the"]).fit([])
-    assert matcher.typo_terms_ == ["Whomping Willow"]  # "willows" is only its plural
+def test_an_ordinary_word_is_never_read_as_a_typo_of_a_term():
+    ordinary = ["carrots", "gallows", "hollow", "the"]
+    matcher = TermMatcher(["the Carrows", "Deathly Hallows", "Whomping Willow", "Expelliarmus"], ordinary).fit([])
     assert matcher.find("peel the carrots") is None and matcher.find("the Carrows") == "the Carrows"
+    assert matcher.find("the carows") == "the Carrows"  # not a word of the lexicon: a typo of the term
+    assert matcher.find("deathly gallows") is None and matcher.find("deathly hollows") is None  # inflected
+    assert matcher.find("what are the deathly halows") == "Deathly Hallows"
     assert matcher.find("the whomping wilow") == "Whomping Willow"
+    loaded = TermMatcher.fitted(matcher.terms_, matcher.typo_terms_, matcher.dropped_terms_, ordinary)
+    assert loaded.find("deathly gallows") is None and loaded.find("deathly halows") == "Deathly Hallows"
+
+
+def test_a_phrase_with_one_typo_is_found_however_many_terms_share_its_words():
+    shared = [f"Deathly Hallows part {n}" for n in range(1, 9)] + [f"Harry Potter and the {w}" for w in
+                                                                   ("Deathly Hallows", "Goblet of Fire", "Half-Blood Prince")]
+    matcher = TermMatcher([*shared, "Deathly Hallows", "Sirius Black", "Regulus Black", "Black Lake"]).fit([])
+    assert matcher.find("what are the deathly halows") == "Deathly Hallows"
+    assert matcher.find("what are the deathy hallows") == "Deathly Hallows"
+    assert matcher.find("why is sirus black in prison") == "Sirius Black"
+    assert matcher.find("harry poter and the goblet of fire") == "Harry Potter and the Goblet of Fire"
+    assert matcher.find("the black lake") == "Black Lake" and matcher.find("a black cat") is None
