@@ -49,6 +49,7 @@ class Gauges:
     requests: float
     prompt_tokens: float
     generated: float
+    ran_to_length: float  # requests that generated all their max_tokens (an aborted one is not counted)
 
 
 def gauges(backend_url: str) -> Gauges:
@@ -57,7 +58,9 @@ def gauges(backend_url: str) -> Gauges:
     def total(name: str) -> float:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
     return Gauges(time.monotonic(), total("vllm:num_requests_running") + total("vllm:num_requests_waiting"),
-                  total("vllm:prompt_tokens_total"), total("vllm:generation_tokens_total"))
+                  total("vllm:prompt_tokens_total"), total("vllm:generation_tokens_total"),
+                  sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("vllm:request_success_total{") and 'finished_reason="length"' in line))
 
 
 def wait_for(backend_url: str, condition: Callable[[Gauges], bool], what: str) -> Gauges:
@@ -170,12 +173,13 @@ def _speculating(backend_url: str, url: str, gate: HeldGate, prompt: str, stream
     return client
 
 
-def _stays_idle(backend_url: str) -> None:
+def _stays_idle(backend_url: str) -> Gauges:
     """Nothing runs in vLLM, and nothing is generated over the next second."""
     idle = wait_for(backend_url, lambda g: g.requests == 0, "vLLM stops every request of ours")
     time.sleep(1.0)
     later = gauges(backend_url)
     assert later.requests == 0 and later.generated == idle.generated, (idle, later)
+    return later
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -187,27 +191,34 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
     before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
     with Served(app) as url:
         client = _speculating(backend.url, url, gate, FLAGGED_PROMPT, stream, before, tokens=10)
-        gate.release.set()
-        assert gate.decided.wait(BOUND)
-        at_verdict = gate.at_verdict
-        assert at_verdict.requests == 1 and at_verdict.generated - before.generated >= 10, at_verdict
-        # vLLM takes the corrupted request's prompt and holds that one request alone: the speculative one
-        # stopped (were it running still, two would show until its 1,500 tokens were done).
-        alone = wait_for(backend.url, lambda g: g.prompt_tokens > at_verdict.prompt_tokens and g.requests == 1,
-                         "the corrupted request runs alone")
-        wait_for(backend.url, lambda g: g.requests == 1 and g.generated > alone.generated,
-                 "the corrupted request runs on, alone")
-        if stream:
-            deadline = time.monotonic() + BOUND
-            while not client.text and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert client.status == 200 and client.headers["x-eco-flagged"] == "true"
-            assert client.first_byte_at > gate.at_verdict.at and client.text and "Hermione" not in client.text
-        else:
-            assert client.first_byte_at is None  # a whole body comes at the end of its 1,500 tokens
-        client.leave()
-        _stays_idle(backend.url)  # the client left: nothing of ours runs
+        try:
+            gate.release.set()
+            assert gate.decided.wait(BOUND)
+            at_verdict = gate.at_verdict
+            assert at_verdict.generated - before.generated >= 10, at_verdict
+            # vLLM takes the corrupted request's prompt and holds that one request alone: the speculative one
+            # stopped (were it running still, two would show until its 1,500 tokens were done).
+            alone = wait_for(backend.url, lambda g: g.prompt_tokens > at_verdict.prompt_tokens and g.requests == 1,
+                             "the corrupted request runs alone")
+            wait_for(backend.url, lambda g: g.requests == 1 and g.generated > alone.generated,
+                     "the corrupted request runs on, alone")
+            if stream:
+                deadline = time.monotonic() + BOUND
+                while not client.text and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert client.status == 200 and client.headers["x-eco-flagged"] == "true"
+                assert client.first_byte_at > gate.at_verdict.at and client.text and "Hermione" not in client.text
+            else:
+                assert client.first_byte_at is None  # a whole body comes at the end of its 1,500 tokens
+        finally:
+            client.leave()  # a failed check must not leave the corrupted request running into the next test
+        idle = _stays_idle(backend.url)  # the client left: nothing of ours runs
+    # Neither request ran to its 1,500 tokens: the speculative one was aborted (by the verdict, the proxy
+    # counts), not finished before it, and the corrupted one when the client left. A counter, unlike the
+    # running-requests gauge, does not depend on when vLLM's metrics were read.
+    assert idle.ran_to_length == before.ran_to_length, (before, idle)
     metrics = app.state.proxy.metrics.registry  # (waste is counted off the answer's path: long done by now)
+    assert metrics.get_sample_value("eco_speculative_aborted_total", {"reason": "flagged"}) == 1
     assert metrics.get_sample_value("eco_speculative_wasted_total", {"target": "harry_potter"}) == 1
     # a stream's first token reached the proxy before the verdict; a whole body only comes at its end
     assert metrics.get_sample_value("eco_speculative_requests_total", {"first": "output" if stream else "verdict"}) == 1
