@@ -80,7 +80,7 @@ class TermMatcher:
     @classmethod
     def fitted(cls, terms: Sequence[str], typo_terms: Sequence[str], dropped: dict[str, int] | None = None,
                ordinary_words: Iterable[str] = ()) -> "TermMatcher":
-        """A matcher from a saved fit (and the lexicon it was fitted with)."""
+        """A matcher from a saved fit, and the lexicon typed words are checked against."""
         matcher = cls(terms, ordinary_words)
         matcher.terms_, matcher.typo_terms_, matcher.dropped_terms_ = list(terms), list(typo_terms), dict(dropped or {})
         matcher._index(matcher.terms_, matcher.typo_terms_)
@@ -113,20 +113,21 @@ class TermMatcher:
         # a longer term under each of its anchors, with the anchor's place in it: its two words fewest terms
         # share ("deathly", not "the"), so that a phrase is tried only where one of them stands
         self._anchors: dict[str, list[tuple[tuple[str, ...], int, str]]] = {}
-        phrases = [(term, words) for term in typo_terms if len(words := term_words(term)) > 1]
-        sharing = Counter(word for _, words in phrases for word in set(words))
-        for term, words in phrases:
-            places = sorted(range(len(words)), key=lambda place: (sharing[words[place]], -len(words[place])))
-            for place in places[:ANCHORS_PER_PHRASE]:
-                self._anchors.setdefault(words[place], []).append((words, place, term))
+        phrases: list[tuple[str, tuple[str, ...]]] = []
         for term in typo_terms:
             words = term_words(term)
             if len(words) > 1:
+                phrases.append((term, words))
                 continue
             word = words[0]
             self._typo_words.setdefault(word, []).append(term)
             for position in range(len(word)):
                 self._deleted.setdefault((word[:position] + word[position + 1:], position), []).append(term)
+        sharing = Counter(word for _, words in phrases for word in set(words))
+        for term, words in phrases:
+            places = sorted(range(len(words)), key=lambda place: (sharing[words[place]], -len(words[place])))
+            for place in places[:ANCHORS_PER_PHRASE]:
+                self._anchors.setdefault(words[place], []).append((words, place, term))
 
     def find(self, text: str) -> str | None:
         """The first term found in any reading of `text`, or None."""

@@ -55,12 +55,12 @@ class Gauges:
 def gauges(backend_url: str) -> Gauges:
     text = httpx.get(f"{backend_url}/metrics", timeout=30).text
 
-    def total(name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    def total(name: str, label: str = "") -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") and label in line)
     return Gauges(time.monotonic(), total("vllm:num_requests_running") + total("vllm:num_requests_waiting"),
                   total("vllm:prompt_tokens_total"), total("vllm:generation_tokens_total"),
-                  sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith("vllm:request_success_total{") and 'finished_reason="length"' in line))
+                  total("vllm:request_success_total", 'finished_reason="length"'))
 
 
 def wait_for(backend_url: str, condition: Callable[[Gauges], bool], what: str) -> Gauges:
