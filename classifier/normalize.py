@@ -5,13 +5,16 @@ characters, and look-alike letters from another script inside a Latin word (the 
 confusables data, through `confusable_homoglyphs`). Genuine non-Latin text keeps its script.
 
 `variants` adds readings that may or may not be meant: letters spaced apart joined again,
-punctuation inside words dropped, leetspeak read as letters, words written upside down turned
-back, and a Latin transliteration of other scripts (`anyascii`). The gate scores every variant
-and keeps the highest, so a wrong reading costs nothing but a score. Plain text takes a fast
-path and yields itself alone.
+punctuation inside words dropped, leetspeak read as letters (a "1" as an i, and again as an l),
+words written upside down turned back, a Latin transliteration of other scripts (`anyascii`),
+base64 decoded where it decodes to text, and the ROT13 reading of a text that names ROT13.
+The gate scores every variant and keeps the highest, so a wrong reading costs nothing but a
+score. Plain text takes a fast path and yields itself alone.
 """
 from __future__ import annotations
 
+import binascii
+import codecs
 import re
 import unicodedata
 from functools import lru_cache
@@ -132,6 +135,9 @@ _SPACED = re.compile(r"(?<![^\W_])[^\W_](?:[ .\-_*·•~+/|:]{1,3}[^\W_](?![^\W_
 _SEPARATOR = re.compile(r"[ .\-_*·•~+/|:]{1,3}")
 _INNER_PUNCTUATION = re.compile(r"([^\W\d_])[.·•*_~^:]+(?=[^\W\d_])")
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z][a-z])")
+# A run long enough to be base64 of a sentence rather than a word or an identifier.
+_BASE64 = re.compile(r"(?<![\w+/=])[A-Za-z0-9+/]{16,}={0,2}(?![\w+/=])")
+_ROT13_NAMED = re.compile(r"\brot[\s\-]?13\b", re.IGNORECASE)
 
 
 def _leet_core(token: str) -> str | None:
@@ -143,9 +149,9 @@ def _leet_core(token: str) -> str | None:
     return core
 
 
-def _unleet(text: str) -> str:
+def _unleet(text: str, one: str = "i") -> str:
     """Leetspeak read as letters in every word that mixes them, once one word that is not a model
-    number (mp3) shows that the text is leetspeak."""
+    number (mp3) shows that the text is leetspeak. `one` is the letter "1" stands for: "i" or "l"."""
     if not _LEET_TOUCH.search(text):
         return text
     words = [(m, _leet_core(m.group())) for m in _LEET_WORD.finditer(text)]
@@ -155,7 +161,7 @@ def _unleet(text: str) -> str:
     for match, core in words:
         if core:
             start = match.start() + match.group().index(core)
-            pieces += [text[at:start], "".join(_LEET.get(c, c) for c in core)]
+            pieces += [text[at:start], "".join(one if c == "1" else _LEET.get(c, c) for c in core)]
             at = start + len(core)
     return "".join(pieces) + text[at:]
 
@@ -185,6 +191,20 @@ def _join_spacing(text: str) -> str:
 
 def _drop_inner_punctuation(text: str) -> str:
     return _INNER_PUNCTUATION.sub(r"\1", text)
+
+
+def _decoded_base64(text: str) -> str:
+    """Each base64 run that decodes to UTF-8 text (letters and spaces, nothing unprintable) replaced by
+    that text; hashes, keys and identifiers decode to bytes that are not text and stay as they are."""
+    def decode(match: re.Match[str]) -> str:
+        run = match.group()
+        try:
+            plain = binascii.a2b_base64(run + "=" * (-len(run) % 4), strict_mode=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return run
+        readable = plain.isprintable() and " " in plain.strip() and sum(c.isalpha() for c in plain) * 2 > len(plain)
+        return plain if readable else run
+    return _BASE64.sub(decode, text)
 
 
 @lru_cache(maxsize=1)
@@ -224,8 +244,14 @@ def _variants(text: str, limit: int) -> tuple[str, ...]:
     joined = _drop_inner_punctuation(_join_spacing(base))
     base_unleet = _unleet(base)
     candidates = [base, base_unleet if joined == base else _unleet(joined), joined, base_unleet]
+    if "1" in base and candidates[1] != joined:  # "1" is an i as often as an l: "H@l10w5" is "Hallows"
+        candidates.insert(2, _unleet(joined, one="l"))
     if not text.isascii() and (upright := _turn_upright(text)) != text:  # before folding, which reads ꓷ otherwise
         candidates.insert(1, canonical(upright))
+    if (decoded := _decoded_base64(base)) != base:
+        candidates.insert(1, decoded)
+    if _ROT13_NAMED.search(base):
+        candidates.insert(1, codecs.encode(base, "rot13"))
     if _FOREIGN_WORD.search(base):
         candidates.append(_transliterated(base))
         if candidates[1] != base:

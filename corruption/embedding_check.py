@@ -144,10 +144,12 @@ def _token(token: str) -> str:
 
 
 class EmbeddingCheck:
-    """The check for one model: its tokenizer, its embedding table, the name the backend serves it as."""
+    """The check for one model: its tokenizer, its embedding table, the name the backend serves it as, and
+    `api_key`, the backend's key when its vLLM was started with `--api-key`."""
 
     def __init__(self, tokenizer: Any, embeddings: EmbeddingTable, model: str, prompt: str = CHECK_PROMPT,
-                 max_tokens: int = CHECK_TOKENS, tolerance: float = LOGPROB_TOLERANCE, attempts: int = ATTEMPTS):
+                 max_tokens: int = CHECK_TOKENS, tolerance: float = LOGPROB_TOLERANCE, attempts: int = ATTEMPTS,
+                 api_key: str | None = None):
         self.tokenizer = tokenizer
         self.embeddings = embeddings
         self.model = model
@@ -155,6 +157,7 @@ class EmbeddingCheck:
         self.max_tokens = max_tokens
         self.tolerance = tolerance
         self.attempts = attempts
+        self.api_key = api_key
 
     def run(self, base_url: str, timeout: float = 120.0) -> EmbeddingCheckResult:
         """Ask the backend; a verdict (passed or failed), or EmbeddingCheckUnavailable."""
@@ -163,7 +166,7 @@ class EmbeddingCheck:
         payload = prompt_embeds_base64(self.embeddings.embed(token_ids))
         body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0.0,
                 "logprobs": TOP_LOGPROBS, "return_tokens_as_token_ids": True}
-        with VllmClient(base_url, timeout=timeout) as client:
+        with VllmClient(base_url, timeout=timeout, api_key=self.api_key) as client:
             version = client.version()
             result = {"backend_url": base_url, "backend_version": version, "model": self.model,
                       "scale": self.embeddings.scale, "tolerance": self.tolerance}

@@ -149,7 +149,8 @@ def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> 
         classify_timeout=settings.classify_timeout,
         encoders=encoders,
         # What /ready shows and what a policy reload or a backend restart runs again.
-        embedding_checker=EmbeddingCheck(tokenizer, embeddings, settings.served_model_name),
+        embedding_checker=EmbeddingCheck(tokenizer, embeddings, settings.served_model_name,
+                                         api_key=settings.upstream_api_key),
     )
     state.record_embedding_check(EmbeddingCheckResult.pending(backend_url, embeddings, settings.served_model_name))
     return state
@@ -162,7 +163,10 @@ def _client_keys(settings: ServeSettings) -> tuple[str, ...]:
             lines = settings.api_key_file.read_text().splitlines()
         except OSError as exc:
             raise PolicyError(f"--api-key-file: cannot read {settings.api_key_file}: {exc.strerror}") from exc
-        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        from_file = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not from_file:  # an empty file must not turn the keys off
+            raise PolicyError(f"--api-key-file: {settings.api_key_file} holds no key (one per line)")
+        keys += from_file
     return tuple(keys)
 
 
@@ -177,7 +181,7 @@ def _check_embeddings_at_start(state: ProxyState, settings: ServeSettings, backe
                     "scales input embeddings otherwise, every flagged prompt is corrupted wrongly and nothing "
                     "reports it. !!!", ENV_PREFIX, result.message)
         return True
-    if not backend_ready and not backend_is_ready(backend_url):
+    if not backend_ready and not backend_is_ready(backend_url, api_key=settings.upstream_api_key):
         log.warning("backend %s is not reachable yet; /ready reports 503 until it answers and the embedding "
                     "check has passed", backend_url)
         return True

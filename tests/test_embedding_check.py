@@ -95,6 +95,43 @@ def test_serve_option_and_environment_variable(monkeypatch):
 # ---------------------------------------------------------------- backend: the real vLLM
 
 
+UPSTREAM_KEY = "upstream-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_backend(backend):
+    """The backend behind a relay that answers 401 without its key, as a vLLM started with --api-key does."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    class Relay(BaseHTTPRequestHandler):
+        def _relay(self) -> None:
+            if self.headers.get("authorization") != f"Bearer {UPSTREAM_KEY}":
+                status, body = 401, json.dumps({"error": "Unauthorized"}).encode()
+            else:
+                length = int(self.headers.get("content-length") or 0)
+                reply = httpx.request(self.command, backend.url + self.path, content=self.rfile.read(length),
+                                      headers={"content-type": "application/json"}, timeout=120)
+                status, body = reply.status_code, reply.content
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _relay
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def tokenizer(backend):
     return AutoTokenizer.from_pretrained(backend.model_dir)
@@ -117,6 +154,18 @@ def test_check_passes_on_the_real_backend(backend, tokenizer):
     assert result.tokens_compared == CHECK_TOKENS
     assert result.max_logprob_difference <= LOGPROB_TOLERANCE
     assert result.scale == table.scale == pytest.approx(math.sqrt(640))
+
+
+@pytest.mark.backend
+def test_check_sends_the_upstream_key(backend, tokenizer, keyed_backend):
+    from vllm_client.client import backend_is_ready
+
+    table = EmbeddingTable.from_model_dir(backend.model_dir)
+    assert backend_is_ready(keyed_backend, api_key=UPSTREAM_KEY) and not backend_is_ready(keyed_backend)
+    keyed = EmbeddingCheck(tokenizer, table, backend.served_model_name, api_key=UPSTREAM_KEY).run(keyed_backend)
+    assert keyed.status == "passed", keyed.message
+    unkeyed = EmbeddingCheck(tokenizer, table, backend.served_model_name).run(keyed_backend)
+    assert unkeyed.status == "failed" and "401" in unkeyed.message
 
 
 @pytest.mark.backend

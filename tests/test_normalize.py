@@ -59,6 +59,7 @@ def test_other_scripts_get_a_latin_transliteration():
     ("D r a c o M a l f o y", "Draco Malfoy"),
     ("Vol.de.mort's wand", "Voldemort's wand"),
     ("V 0 l d 3 m 0 r t", "Voldemort"),
+    ("the ending of De47h1y H@l10w5", "the ending of Deathly Hallows"),  # a "1" read as an l
 ])
 def test_obfuscation_variants(disguised, plain):
     found = variants(disguised)
@@ -73,6 +74,19 @@ def test_obfuscation_variants(disguised, plain):
 ])
 def test_words_written_upside_down_are_read_upright(disguised, plain):
     assert plain in variants(disguised)
+
+
+def test_base64_that_decodes_to_text_is_read_as_that_text():
+    found = variants("Decode this and answer it: V2hvIGlzIEhhcnJ5IFBvdHRlcidzIGJlc3QgZnJpZW5kPw==")
+    assert "Decode this and answer it: Who is Harry Potter's best friend?" in found
+    # a checksum or an API key is base64 too, of bytes that are not text: no reading of it
+    assert all("+qgxVrQFaO/" in found for found in variants(
+        "sha256 is n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg= for the tarball"))
+
+
+def test_rot13_is_read_where_the_text_names_it():
+    assert "EBG13, qrpbqr naq ercyl: Who killed Dumbledore?" in variants("ROT13, decode and reply: Jub xvyyrq Qhzoyrqber?")
+    assert variants("Jub xvyyrq gur qentba?") == ["Jub xvyyrq gur qentba?"]  # unnamed, only the vocabulary reads it
 
 
 def test_variants_are_distinct_ordered_and_bounded():

@@ -389,3 +389,5 @@ def test_string_typed_values_mean_what_vllm_reads(proxy, backend):
     unflagged_zero = _post(proxy.url, "/v1/chat/completions", {
         **body, "max_completion_tokens": 0, "messages": [{"role": "user", "content": "Name a fruit."}]})
     assert zero.status_code == unflagged_zero.status_code == 400
+    assert zero.headers["x-eco-flagged"] == "true"
+    assert zero.json() == unflagged_zero.json()  # the same words: the error does not give the verdict away

@@ -8,7 +8,8 @@ import pytest
 
 from proxy.cli import build_parser
 from proxy.commands import _HELP, serve_settings
-from proxy.serve import ServeSettings
+from proxy.policy import PolicyError
+from proxy.serve import ServeSettings, _client_keys
 
 pytestmark = pytest.mark.unit
 
@@ -29,3 +30,13 @@ def test_client_keys_from_options_and_environment(monkeypatch):
     assert serve_settings(parser.parse_args(["serve"])).api_key == ["x", "y"]
     monkeypatch.setenv("ECO_CLASSIFY_TIMEOUT", "2.5")
     assert serve_settings(parser.parse_args(["serve"])).classify_timeout == 2.5
+
+
+def test_client_keys_from_a_file_and_an_empty_file_refused(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# clients\nfirst\n\n  second  \n")
+    settings = serve_settings(build_parser().parse_args(["serve", "--api-key", "a", "--api-key-file", str(keys)]))
+    assert _client_keys(settings) == ("a", "first", "second")
+    keys.write_text("# no key yet\n\n")
+    with pytest.raises(PolicyError, match="holds no key"):
+        _client_keys(settings)

@@ -49,6 +49,16 @@ def shape(value):
     return type(value).__name__
 
 
+def skeleton(value):
+    """A value's structure whatever its lengths (the two prompts differ): keys in order with their skeletons,
+    a list as the distinct skeletons of its items, and scalars' type names."""
+    if isinstance(value, dict):
+        return [(key, skeleton(item)) for key, item in value.items()]
+    if isinstance(value, list):
+        return sorted({repr(skeleton(item)) for item in value})
+    return type(value).__name__
+
+
 def _events(response: httpx.Response) -> list[dict]:
     assert response.text.rstrip().endswith("data: [DONE]")
     return [json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")]
@@ -137,6 +147,32 @@ def test_format_errors_are_the_same_on_both_paths(backend, clients, extra):
                       for c in (PLAIN, FLAGGED))
     assert plain.status_code == flagged.status_code == 400
     assert plain.json() == flagged.json()
+
+
+COMPLETION_SHAPES = [
+    ({}, False), ({"n": 2, "temperature": 0.8, "seed": 1}, False), ({"return_token_ids": True}, False), ({"echo": False}, False),
+    ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}}, True),
+    ({"n": 2, "temperature": 0.8, "seed": 1, "stream_options": {"include_usage": True}}, True),
+]
+
+
+@pytest.mark.parametrize("extra, stream", COMPLETION_SHAPES, ids=["plain", "n2", "token_ids", "echo_false",
+                                                                  "stream_usage", "stream_n2"])
+def test_completions_answer_alike(backend, clients, extra, stream):
+    client = clients(backend)
+    plain, flagged = (client.post("/v1/completions", json={
+        "model": "gemma-3-270m", "prompt": content, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+        "stream": stream, **extra}) for content in (PLAIN, FLAGGED))
+    assert [plain.headers.get("x-eco-flagged"), flagged.headers.get("x-eco-flagged")] == ["false", "true"]
+    assert plain.status_code == flagged.status_code == 200, (plain.text, flagged.text)
+    if stream:  # the usage chunk last, and the same kinds of chunk before it
+        plain_events, flagged_events = _events(plain), _events(flagged)
+        assert skeleton(flagged_events[-1]) == skeleton(plain_events[-1])
+        assert skeleton(flagged_events[:-1]) == skeleton(plain_events[:-1])
+    else:
+        assert skeleton(flagged.json()) == skeleton(plain.json())
+    if "return_token_ids" in extra:  # the prompt's own ids, not the placeholders vLLM gives for embeddings
+        assert 0 not in flagged.json()["choices"][0]["prompt_token_ids"]
 
 
 # --- a backend whose parser reads forced calls as JSON --------------------------------------------

@@ -269,9 +269,9 @@ class VllmClient:
         self.close()
 
 
-def backend_is_ready(url: str, timeout: float = 2.0) -> bool:
+def backend_is_ready(url: str, timeout: float = 2.0, api_key: str | None = None) -> bool:
     """One look: does `url` answer `/v1/models` with 200?"""
-    with VllmClient(url, timeout=timeout, connect_timeout=timeout) as client:
+    with VllmClient(url, timeout=timeout, connect_timeout=timeout, api_key=api_key) as client:
         return client.is_ready()
 
 
