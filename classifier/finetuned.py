@@ -25,7 +25,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -196,24 +196,30 @@ class FineTunedClassifier:
         self.tokenizer_ = tokenizer
         self._tokenizer_dir = source  # its files are copied into the artifact
         self.stage1_ = stage1
-        self.vocabulary_ = TermMatcher(self.terms, _ordinary_words(tokenizer)).fit(
-            text for text, label in zip(texts, labels) if label == 0)
         self.stage1_threshold_: float | None = None
         self.bert_config_ = model.encoder.config.to_dict()
         self.classes_ = np.array([0, 1])
         self.training_hash_ = training_hash(texts, labels)
-        self.threshold_: float | None = None
-        self.alpha_: float | None = None
-        self.delta_: float | None = None
-        self.group_thresholds_: dict[str, dict[str, Any]] = {}
         self.entities_: list[str] = []
         self.metrics_: dict[str, Any] = {
             "train_n": {"forget": int(labels.sum()), "retain": int((labels == 0).sum()), "pieces": len(pieces)},
             "training": {**history, "seconds": round(time.monotonic() - started, 1)},
-            "vocabulary": {"terms": len(self.terms), "kept": len(self.vocabulary_.terms_),
-                           "dropped_as_used_by_retain_texts": self.vocabulary_.dropped_terms_},
         }
         self._scorer = None
+        return self.fit_vocabulary(self.terms, [text for text, label in zip(texts, labels) if label == 0])
+
+    def fit_vocabulary(self, terms: Sequence[str], retain_texts: Iterable[str]) -> "FineTunedClassifier":
+        """Fit the vocabulary stage alone (the encoder is left as it is): keep the terms no retain text uses.
+        What the classifier scores changes, so it is left uncalibrated."""
+        self._check_fitted()
+        self.terms = list(terms)
+        self.vocabulary_ = TermMatcher(self.terms, _ordinary_words(self.tokenizer_)).fit(retain_texts)
+        self.threshold_: float | None = None
+        self.alpha_: float | None = None
+        self.delta_: float | None = None
+        self.group_thresholds_: dict[str, dict[str, Any]] = {}
+        self.metrics_["vocabulary"] = {"terms": len(self.terms), "kept": len(self.vocabulary_.terms_),
+                                       "dropped_as_used_by_retain_texts": self.vocabulary_.dropped_terms_}
         return self
 
     def _fit_stage1(self, bags: list[list[str]], labels: np.ndarray) -> NgramStage:

@@ -1,5 +1,5 @@
 """Train, calibrate and report a gate on the gate data format (DIR/train, DIR/test): the Python API
-behind `eco-proxy classifier train --gate-data` and the demo build."""
+behind `eco-proxy classifier train --gate-data`, `eco-proxy classifier refit-vocabulary` and the demo build."""
 from __future__ import annotations
 
 import time
@@ -81,7 +81,7 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
     from classifier.calibration import mondrian_threshold
     from classifier.data import read_terms
     from classifier.entities import distinctive_terms
-    from classifier.report import markdown, record_segments, score_records, split_report
+    from classifier.report import score_records
 
     splits = gate_splits(job.gate_data, job.seed, job.diluted_fraction)
     for name, records in splits.items():
@@ -97,12 +97,8 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
                                               random_state=job.seed,
                                               terms=read_terms(vocabulary) if vocabulary.is_file() else ())
         classifier.fit(texts, labels, progress=True)
-        kept = classifier.metrics_["vocabulary"]
-        log(f"vocabulary: {kept['kept']} of {kept['terms']} terms kept; used by retain texts, so dropped: "
-            f"{', '.join(kept['dropped_as_used_by_retain_texts']) or 'none'}")
-        log(f"calibrating on {counts(calibration)} (alpha {job.alpha}, delta {job.delta}) ...")
-        classifier.calibrate([record_segments(r) for r in calibration], [int(r.label == "forget") for r in calibration],
-                             [r.group for r in calibration], job.alpha, job.delta)
+        _log_vocabulary(classifier, log)
+        _calibrate_gate(classifier, calibration, job.alpha, job.delta, log)
     elif job.model == "logistic":
         from classifier.model import PromptClassifier
 
@@ -120,20 +116,74 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown model {job.model!r}; use finetuned or logistic")
     seconds = time.monotonic() - started
-    reports = {name: split_report(splits[name], score_records(classifier, splits[name], progress=True),
-                                  classifier.threshold_) for name in ("calibration", "test")}
     classifier.entities_ = read_terms(job.entities) if job.entities else distinctive_terms(
         [r.text for r in train if r.label == "forget"], [r.text for r in train if r.label == "retain"],
         top_k=job.entities_top_k)
-    classifier.metrics_.update({"training_seconds": round(seconds, 1), **reports})
-    classifier.save(job.out)
-    header = (f"Model: {job.model}; fitted and calibrated in {seconds / 60:.1f} min on {counts(train)}; "
-              f"alpha {job.alpha}, delta {job.delta}; threshold {classifier.threshold_:.4f}.")
-    text = markdown(reports, [header])
-    (job.out / "report.md").write_text(text, encoding="utf-8")
-    log("\n" + text)
+    classifier.metrics_["training_seconds"] = round(seconds, 1)
     log(f"entities: {', '.join(classifier.entities_[:15])}{' ...' if len(classifier.entities_) > 15 else ''}")
-    log(f"wrote {job.out} (and report.md in it)")
+    return _report_and_save(classifier, splits, job.out,
+                            f"Model: {job.model}; fitted and calibrated in {seconds / 60:.1f} min on {counts(train)}",
+                            job.alpha, job.delta, log)
+
+
+@dataclass(frozen=True)
+class VocabularyRefit:
+    artifact: Path  # a fine-tuned gate; its encoder is kept as it is
+    gate_data: Path
+    out: Path  # may be `artifact` itself
+    alpha: float = 0.01
+    delta: float = 0.1
+    diluted_fraction: float = 0.1
+    seed: int = 0  # the split seed the artifact was trained with
+
+
+def refit_vocabulary(job: VocabularyRefit, log: Any = print) -> dict[str, Any]:
+    """A fine-tuned gate's vocabulary stage fitted again on the training split's retain texts (after the
+    terms or the matching rules changed) and the gate recalibrated, in minutes instead of a new fine-tune;
+    reported and written as `train_gate` does."""
+    from classifier.data import read_terms
+    from classifier.finetuned import FineTunedClassifier
+
+    classifier = FineTunedClassifier.load(job.artifact)
+    splits = gate_splits(job.gate_data, job.seed, job.diluted_fraction)
+    train = splits["train"]
+    classifier.fit_vocabulary(read_terms(job.gate_data / "terms" / "forget.txt"),
+                              [r.text for r in train if r.label == "retain"])
+    _log_vocabulary(classifier, log)
+    _calibrate_gate(classifier, splits["calibration"], job.alpha, job.delta, log)
+    minutes = classifier.metrics_.get("training_seconds", 0.0) / 60
+    header = (f"Model: finetuned; fitted in {minutes:.1f} min, its vocabulary stage refitted on {counts(train)} "
+              "and calibrated again")
+    return _report_and_save(classifier, splits, job.out, header, job.alpha, job.delta, log)
+
+
+def _log_vocabulary(classifier: Any, log: Any) -> None:
+    kept = classifier.metrics_["vocabulary"]
+    log(f"vocabulary: {kept['kept']} of {kept['terms']} terms kept; used by retain texts, so dropped: "
+        f"{', '.join(kept['dropped_as_used_by_retain_texts']) or 'none'}")
+
+
+def _calibrate_gate(classifier: Any, calibration: list[GateRecord], alpha: float, delta: float, log: Any) -> None:
+    from classifier.report import record_segments
+
+    log(f"calibrating on {counts(calibration)} (alpha {alpha}, delta {delta}) ...")
+    classifier.calibrate([record_segments(r) for r in calibration], [int(r.label == "forget") for r in calibration],
+                         [r.group for r in calibration], alpha, delta)
+
+
+def _report_and_save(classifier: Any, splits: dict[str, list[GateRecord]], out: Path, header: str, alpha: float,
+                     delta: float, log: Any) -> dict[str, Any]:
+    """Rates on the calibration and test splits into the artifact's metrics and its report.md."""
+    from classifier.report import markdown, score_records, split_report
+
+    reports = {name: split_report(splits[name], score_records(classifier, splits[name], progress=True),
+                                  classifier.threshold_) for name in ("calibration", "test")}
+    classifier.metrics_.update(reports)
+    classifier.save(out)
+    text = markdown(reports, [f"{header}; alpha {alpha}, delta {delta}; threshold {classifier.threshold_:.4f}."])
+    (out / "report.md").write_text(text, encoding="utf-8")
+    log("\n" + text)
+    log(f"wrote {out} (and report.md in it)")
     return reports
 
 

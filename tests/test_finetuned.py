@@ -167,6 +167,29 @@ def test_cli_trains_on_gate_data_and_reports_per_group(tmp_path, capsys):
                  "--retain", str(out / "classifier.json"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_cli_refits_the_vocabulary_and_calibrates_again_keeping_the_encoder(tmp_path, capsys):
+    gate, trained, refitted = tmp_path / "gate", tmp_path / "trained", tmp_path / "refitted"
+    _write_gate_data(gate)
+    assert _run(["classifier", "train", "--gate-data", str(gate), "--out", str(trained), "--epochs", "1",
+                 "--alpha", "0.3", "--delta", "0.3"]) == 0
+    before = json.loads((trained / "classifier.json").read_text())
+    assert before["vocabulary"]["terms"] == []
+    (gate / "terms").mkdir()
+    (gate / "terms" / "forget.txt").write_text("Kuiper belt\nTell me about\n")  # every retain cluster says the second
+    assert _run(["classifier", "refit-vocabulary", "--artifact", str(trained), "--gate-data", str(gate),
+                 "--out", str(refitted), "--alpha", "0.3", "--delta", "0.3"]) == 0
+    meta = json.loads((refitted / "classifier.json").read_text())
+    assert meta["vocabulary"]["terms"] == ["Kuiper belt"] and list(meta["vocabulary"]["dropped"]) == ["Tell me about"]
+    assert (refitted / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
+    assert meta["metrics"]["training_seconds"] == before["metrics"]["training_seconds"]
+    assert meta["threshold"] is not None and set(meta["metrics"]["test"]["recall_by_group"]) == {"direct", "multi_turn"}
+    assert "vocabulary stage refitted" in (refitted / "report.md").read_text()
+    loaded = load_classifier(refitted)
+    assert loaded.score_prompts([["Write a limerick about the kuiper belt."]])[0] == 1.0
+    assert _run(["classifier", "refit-vocabulary", "--artifact", str(gate), "--gate-data", str(gate)]) == 2
+    assert "refit-vocabulary:" in capsys.readouterr().err
+
+
 def test_early_exit_stops_at_the_first_piece_above_the_threshold(fitted):
     calls: list[int] = []
     runner = fitted._runner()
