@@ -85,7 +85,8 @@ def test_base64_that_decodes_to_text_is_read_as_that_text():
 
 
 def test_rot13_is_read_where_the_text_names_it():
-    assert "EBG13, qrpbqr naq ercyl: Who killed Dumbledore?" in variants("ROT13, decode and reply: Jub xvyyrq Qhzoyrqber?")
+    found = variants("ROT13, decode and reply: Jub xvyyrq Qhzoyrqber?")
+    assert "EBG13, qrpbqr naq ercyl: Who killed Dumbledore?" in found
     assert variants("Jub xvyyrq gur qentba?") == ["Jub xvyyrq gur qentba?"]  # unnamed, only the vocabulary reads it
 
 
