@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from classifier.encoder import DEFAULT_ENCODER
+from classifier.runtime import DEFAULT_RUNTIME, RUNTIMES
 
 MODELS = ("finetuned", "logistic")
 
@@ -50,6 +51,8 @@ def register(groups: argparse._SubParsersAction) -> None:
                        help="names from the target, one per line: each becomes training prompts in neutral frames")
     train.add_argument("--retain-entities", type=Path, action="append", default=[],
                        help="names from neighbouring topics, one per line, likewise as retain training prompts")
+    train.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                       help="what the fine-tuned gate scores with once trained; it is calibrated on it")
     train.set_defaults(run=_train)
 
     refit = commands.add_parser(
@@ -66,6 +69,8 @@ def register(groups: argparse._SubParsersAction) -> None:
                        help="allowed probability that a group's FPR exceeds alpha")
     refit.add_argument("--diluted-fraction", type=float, default=0.1)
     refit.add_argument("--seed", type=int, default=0, help="the split seed the artifact was trained with")
+    refit.add_argument("--runtime", choices=RUNTIMES,
+                       help="score and calibrate with this runtime from now on (default: the artifact's)")
     refit.set_defaults(run=_refit_vocabulary)
 
     evaluate = commands.add_parser("eval", help="FPR and recall of an artifact, with 95%% intervals")
@@ -93,7 +98,8 @@ def _train_gate(args: argparse.Namespace) -> int:
         train_gate(GateTraining(args.gate_data, args.out, model=args.model or "finetuned", alpha=args.alpha,
                                 delta=args.delta, epochs=args.epochs, max_minutes=args.max_minutes,
                                 diluted_fraction=args.diluted_fraction, encoder=args.encoder, C=args.C,
-                                seed=args.seed, entities=args.entities, entities_top_k=args.entities_top_k))
+                                seed=args.seed, entities=args.entities, entities_top_k=args.entities_top_k,
+                                runtime=args.runtime))
     except (OSError, ValueError) as exc:
         print(f"eco-proxy classifier train: {exc}", file=sys.stderr)
         return 2
@@ -105,7 +111,8 @@ def _refit_vocabulary(args: argparse.Namespace) -> int:
 
     try:
         refit_vocabulary(VocabularyRefit(args.artifact, args.gate_data, args.out or args.artifact, alpha=args.alpha,
-                                         delta=args.delta, diluted_fraction=args.diluted_fraction, seed=args.seed))
+                                         delta=args.delta, diluted_fraction=args.diluted_fraction, seed=args.seed,
+                                         runtime=args.runtime))
     except (OSError, ValueError) as exc:
         print(f"eco-proxy classifier refit-vocabulary: {exc}", file=sys.stderr)
         return 2

@@ -15,13 +15,15 @@ as forget; a retain text's highest-scoring pieces are trained as retain (the max
 must stay low). A cheap first stage (`classifier.cascade`) clears most benign pieces before the
 encoder sees them; its threshold keeps almost every forget text.
 
-Inference runs as a `BatchingRunner`: concurrent callers share forward passes on one torch
-thread, and recent pieces are remembered. The artifact is a directory: `classifier.json`,
+Inference runs as a `BatchingRunner`: concurrent callers share forward passes on one thread, and
+recent pieces are remembered. The forward pass runs on the runtime the gate was calibrated with
+(`classifier.runtime`; by default ONNX Runtime with int8 weights). The artifact is a directory: `classifier.json`,
 `model.safetensors` (every weight, both stages) and the tokenizer's files; nothing is pickled.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -40,6 +42,7 @@ from classifier.encoder import DEFAULT_ENCODER, resolve_encoder_path
 from classifier.artifact import META_FILE, read_artifact_meta
 from classifier.model import training_hash
 from classifier.normalize import variants
+from classifier.runtime import DEFAULT_RUNTIME, RUNTIMES, Forward, TorchForward, forward_for, runtime_version
 from classifier.segments import segments
 from classifier.vocabulary import TermMatcher
 
@@ -48,6 +51,7 @@ KIND = "finetuned"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 INFERENCE_BATCH = 64
+log = logging.getLogger(__name__)
 
 
 def text_pieces(text: str) -> list[str]:
@@ -92,17 +96,15 @@ def _padded(token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
     return input_ids, attention_mask
 
 
-def _margins(model: _SequenceClassifier, token_ids: Sequence[Sequence[int]], pad_id: int,
+def _margins(forward: Forward, token_ids: Sequence[Sequence[int]], pad_id: int,
              progress: bool = False) -> np.ndarray:
     """logit(forget) - logit(retain) per piece, in batches of similar lengths (less padding)."""
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     margins = np.zeros(len(token_ids), dtype=np.float32)
     starts = range(0, len(order), INFERENCE_BATCH)
-    with torch.inference_mode():
-        for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress or len(starts) < 2):
-            chunk = order[start:start + INFERENCE_BATCH]
-            logits = model(*_padded([token_ids[i] for i in chunk], pad_id))
-            margins[chunk] = (logits[:, 1] - logits[:, 0]).numpy()
+    for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress or len(starts) < 2):
+        chunk = order[start:start + INFERENCE_BATCH]
+        margins[chunk] = forward(*_padded([token_ids[i] for i in chunk], pad_id))
     return margins
 
 
@@ -118,17 +120,17 @@ class _PieceScorer(BatchingRunner):
 
     row_shape: tuple[int, ...] = ()
 
-    def __init__(self, model: _SequenceClassifier, tokenizer: Any, max_length: int,
+    def __init__(self, forward: Forward, tokenizer: Any, max_length: int,
                  cache_size: int, executor: Executor | None):
         super().__init__(cache_size, executor, thread_name="gate")
-        self.model = model.eval()
+        self.model_forward = forward
         self.tokenizer = tokenizer
         self.max_length = max_length
 
     def forward(self, texts: list[str], progress: bool = False) -> np.ndarray:
         with self._tokenizer_lock:
             token_ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        return _margins(self.model, token_ids, self.tokenizer.pad_token_id, progress)
+        return _margins(self.model_forward, token_ids, self.tokenizer.pad_token_id, progress)
 
 
 class FineTunedClassifier:
@@ -140,7 +142,8 @@ class FineTunedClassifier:
                  learning_rate: float = 5e-5, head_learning_rate: float = 1e-3, weight_decay: float = 0.01,
                  warmup_fraction: float = 0.06, hard_pieces_per_retain_text: int = 2,
                  candidate_pieces_per_text: int = 4, stage1_recall: float = 0.995, stage1_features: int = 2**20,
-                 stage1_C: float = 4.0, max_minutes: float | None = 20.0, random_state: int = 0, cache_size: int = DEFAULT_CACHE_SIZE,
+                 stage1_C: float = 4.0, max_minutes: float | None = 20.0, random_state: int = 0,
+                 runtime: str = DEFAULT_RUNTIME, cache_size: int = DEFAULT_CACHE_SIZE,
                  executor: Executor | None = None, terms: Sequence[str] = ()):
         self.encoder = encoder
         self.epochs = epochs
@@ -159,6 +162,7 @@ class FineTunedClassifier:
         self.stage1_C = stage1_C
         self.max_minutes = max_minutes  # the fine-tune stops taking epochs once the next would overrun it
         self.random_state = random_state
+        self.runtime = runtime  # what scores once fitted (`classifier.runtime`); calibration is done on it
         self.cache_size = cache_size
         self.executor = executor  # where inference runs: a server's torch thread; default a thread of its own
         self.terms = terms  # the target's vocabulary: a prompt naming one is flagged, unless retain texts use it
@@ -167,7 +171,7 @@ class FineTunedClassifier:
         return {name: getattr(self, name) for name in (
             "epochs", "max_length", "batch_size", "learning_rate", "head_learning_rate", "weight_decay",
             "warmup_fraction", "hard_pieces_per_retain_text", "candidate_pieces_per_text", "stage1_recall",
-            "stage1_features", "stage1_C", "max_minutes", "random_state")}
+            "stage1_features", "stage1_C", "max_minutes", "random_state", "runtime")}
 
     # -- fit ----------------------------------------------------------------------------
     def fit(self, texts: Sequence[str], labels: Sequence[int], progress: bool = False) -> "FineTunedClassifier":
@@ -177,6 +181,8 @@ class FineTunedClassifier:
         labels = np.asarray(labels, dtype=np.int64)
         if len(texts) != len(labels) or set(np.unique(labels)) != {0, 1}:
             raise ValueError("fit needs as many labels as texts, with both classes (1 forget, 0 retain) present")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         started = time.monotonic()
         source = resolve_encoder_path(self.encoder)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -214,13 +220,25 @@ class FineTunedClassifier:
         self._check_fitted()
         self.terms = list(terms)
         self.vocabulary_ = TermMatcher(self.terms, _ordinary_words(self.tokenizer_)).fit(retain_texts)
+        self._uncalibrate()
+        self.metrics_["vocabulary"] = {"terms": len(self.terms), "kept": len(self.vocabulary_.terms_),
+                                       "dropped_as_used_by_retain_texts": self.vocabulary_.dropped_terms_}
+        return self
+
+    def use_runtime(self, runtime: str) -> "FineTunedClassifier":
+        """Score with another runtime (`classifier.runtime`); its scores differ a little, so it is left uncalibrated."""
+        self._check_fitted()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime: {runtime!r} is not one of {', '.join(RUNTIMES)}")
+        self.runtime, self._scorer = runtime, None
+        self._uncalibrate()
+        return self
+
+    def _uncalibrate(self) -> None:
         self.threshold_: float | None = None
         self.alpha_: float | None = None
         self.delta_: float | None = None
         self.group_thresholds_: dict[str, dict[str, Any]] = {}
-        self.metrics_["vocabulary"] = {"terms": len(self.terms), "kept": len(self.vocabulary_.terms_),
-                                       "dropped_as_used_by_retain_texts": self.vocabulary_.dropped_terms_}
-        return self
 
     def _fit_stage1(self, bags: list[list[str]], labels: np.ndarray) -> NgramStage:
         """Every piece of a retain text is retain; a forget text's pieces share one example's weight
@@ -264,7 +282,7 @@ class FineTunedClassifier:
             model.eval()
             scores = stage1_scores.copy()
             if epoch > 0 and rows_to_score.size:
-                scores[rows_to_score] = _margins(model, [token_ids[i] for i in rows_to_score], pad_id)
+                scores[rows_to_score] = _margins(TorchForward(model), [token_ids[i] for i in rows_to_score], pad_id)
             examples = self._epoch_examples(candidates, labels, scores, class_weight)
             batches = self._length_buckets(examples, token_ids, rng)
             model.train()
@@ -349,6 +367,7 @@ class FineTunedClassifier:
                 retain_by_group.setdefault(group, []).append(float(score))
         self.threshold_, self.group_thresholds_ = mondrian_threshold(retain_by_group, alpha, delta)
         self.alpha_, self.delta_ = float(alpha), float(delta)
+        self.metrics_["calibrated_with"] = runtime_version(self.runtime)
         self.metrics_["stage1"] = {"recall_target": self.stage1_recall, "threshold": self.stage1_threshold_,
                                    "forget_kept": float(np.mean(np.asarray(best) >= self.stage1_threshold_)) if best else None}
         return self
@@ -359,8 +378,9 @@ class FineTunedClassifier:
             raise ValueError("this FineTunedClassifier is not fitted yet: call fit or load")
 
     def _runner(self) -> _PieceScorer:
-        if getattr(self, "_scorer", None) is None:  # built on first use, so fit and load stay cheap
-            self._scorer = _PieceScorer(self.model_, self.tokenizer_, self.max_length, self.cache_size, self.executor)
+        if getattr(self, "_scorer", None) is None:  # built on first use, so fit stays cheap (load builds it at once)
+            forward = forward_for(self.runtime, self.model_, threads=torch.get_num_threads())
+            self._scorer = _PieceScorer(forward, self.tokenizer_, self.max_length, self.cache_size, self.executor)
         return self._scorer
 
     def named_term(self, segments: Sequence[str]) -> str | None:
@@ -468,7 +488,7 @@ class FineTunedClassifier:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
             raise ValueError(f"{directory / WEIGHTS_FILE}: the weights do not fit the model: {exc}") from exc
-        parameters = meta["hyperparameters"]
+        parameters = {"runtime": "torch", **meta["hyperparameters"]}  # calibrated on torch before runtimes
         classifier = cls(meta["encoder"], cache_size=cache_size, executor=executor, **parameters)
         classifier.stage1_ = NgramStage.from_tensors(
             {name.removeprefix("stage1."): t.numpy() for name, t in tensors.items() if name.startswith("stage1.")},
@@ -490,4 +510,9 @@ class FineTunedClassifier:
         classifier.metrics_ = meta.get("metrics", {})
         classifier.entities_ = list(meta.get("entities", []))
         classifier._scorer = None
+        calibrated_with = classifier.metrics_.get("calibrated_with")
+        if calibrated_with is not None and calibrated_with != runtime_version(classifier.runtime):
+            log.warning("%s: calibrated with %s, scoring with %s: its scores may differ a little from those its "
+                        "threshold was set on", directory, calibrated_with, runtime_version(classifier.runtime))
+        classifier._runner()  # an ONNX runtime is built now, not on the first prompt
         return classifier

@@ -9,6 +9,7 @@ from typing import Any
 
 from classifier.encoder import DEFAULT_ENCODER
 from classifier.gate_data import GateRecord
+from classifier.runtime import DEFAULT_RUNTIME
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class GateTraining:
     seed: int = 0
     entities: Path | None = None  # key terms, one per line; default: derived from the training split
     entities_top_k: int = 40
+    runtime: str = DEFAULT_RUNTIME  # finetuned: what it scores and is calibrated with (`classifier.runtime`)
 
 
 TERM_FRAMES_PER_TERM = 2
@@ -94,7 +96,7 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
 
         vocabulary = job.gate_data / "terms" / "forget.txt"
         classifier: Any = FineTunedClassifier(job.encoder, epochs=job.epochs, max_minutes=job.max_minutes,
-                                              random_state=job.seed,
+                                              random_state=job.seed, runtime=job.runtime,
                                               terms=read_terms(vocabulary) if vocabulary.is_file() else ())
         classifier.fit(texts, labels, progress=True)
         _log_vocabulary(classifier, log)
@@ -121,9 +123,10 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
         top_k=job.entities_top_k)
     classifier.metrics_["training_seconds"] = round(seconds, 1)
     log(f"entities: {', '.join(classifier.entities_[:15])}{' ...' if len(classifier.entities_) > 15 else ''}")
-    return _report_and_save(classifier, splits, job.out,
-                            f"Model: {job.model}; fitted and calibrated in {seconds / 60:.1f} min on {counts(train)}",
-                            job.alpha, job.delta, log)
+    header = f"Model: {job.model}; fitted and calibrated in {seconds / 60:.1f} min on {counts(train)}"
+    if job.model == "finetuned":
+        header += f", scored with {job.runtime}"
+    return _report_and_save(classifier, splits, job.out, header, job.alpha, job.delta, log)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class VocabularyRefit:
     delta: float = 0.1
     diluted_fraction: float = 0.1
     seed: int = 0  # the split seed the artifact was trained with
+    runtime: str | None = None  # another runtime to serve and calibrate with; default: the artifact's
 
 
 def refit_vocabulary(job: VocabularyRefit, log: Any = print) -> dict[str, Any]:
@@ -145,6 +149,8 @@ def refit_vocabulary(job: VocabularyRefit, log: Any = print) -> dict[str, Any]:
     from classifier.finetuned import FineTunedClassifier
 
     classifier = FineTunedClassifier.load(job.artifact)
+    if job.runtime is not None:
+        classifier.use_runtime(job.runtime)
     splits = gate_splits(job.gate_data, job.seed, job.diluted_fraction)
     train = splits["train"]
     classifier.fit_vocabulary(read_terms(job.gate_data / "terms" / "forget.txt"),
@@ -153,7 +159,7 @@ def refit_vocabulary(job: VocabularyRefit, log: Any = print) -> dict[str, Any]:
     _calibrate_gate(classifier, splits["calibration"], job.alpha, job.delta, log)
     minutes = classifier.metrics_.get("training_seconds", 0.0) / 60
     header = (f"Model: finetuned; fitted in {minutes:.1f} min, its vocabulary stage refitted on {counts(train)} "
-              "and calibrated again")
+              f"and calibrated again, scored with {classifier.runtime}")
     return _report_and_save(classifier, splits, job.out, header, job.alpha, job.delta, log)
 
 

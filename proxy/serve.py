@@ -124,8 +124,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> ProxyState:
-    torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch", initializer=torch.set_num_threads,
-                                      initargs=(settings.torch_threads,))
+    # torch's thread count is process-wide; set before the policy loads, as the gate's ONNX runtime takes it then
+    torch.set_num_threads(settings.torch_threads)
+    torch_thread = ThreadPoolExecutor(1, thread_name_prefix="torch")
     encoders = EncoderPool(settings.classifier_cache_size, executor=torch_thread)
     embeddings = EmbeddingTable.from_model_dir(model_dir, scale=settings.embedding_scale)
     policy = load_policy(settings.policy, encoders, embeddings.hidden_size)

@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from classifier import cli, load_classifier
 from classifier.cascade import recall_threshold
-from classifier.finetuned import FineTunedClassifier, text_pieces
+from classifier.finetuned import FineTunedClassifier, _margins, text_pieces
+from classifier.runtime import RUNTIMES, TorchForward, forward_for, runtime_version
 
 pytestmark = pytest.mark.unit
 
@@ -116,6 +117,41 @@ def test_concurrent_callers_get_what_they_get_one_at_a_time(fitted, tmp_path):
     assert np.allclose(together, alone, rtol=0, atol=1e-6)  # batch padding may move the last digits
 
 
+def test_the_onnx_runtimes_score_as_torch_does_and_each_piece_alone(fitted):
+    ids = fitted.tokenizer_(SKY[:6] + KITCHEN[:6], truncation=True, max_length=fitted.max_length)["input_ids"]
+    pad = fitted.tokenizer_.pad_token_id
+    margins = {runtime: _margins(forward_for(runtime, fitted.model_, threads=1), ids, pad) for runtime in RUNTIMES}
+    assert np.allclose(margins["onnx"], margins["torch"], rtol=0, atol=1e-4)
+    assert np.array_equal(np.sign(margins["onnx-int8"]), [1] * 6 + [-1] * 6)
+    assert 0 < np.abs(margins["onnx-int8"] - margins["torch"]).max() < 0.5  # quantised, and close
+    int8 = forward_for("onnx-int8", fitted.model_, threads=1)
+    alone = [_margins(int8, [row], pad)[0] for row in ids]  # a batch's neighbours must not move a piece's score
+    assert np.array_equal(alone, margins["onnx-int8"])
+
+
+def test_the_runtime_is_saved_checked_and_defaults_to_torch_for_older_artifacts(fitted, tmp_path, caplog):
+    assert fitted.runtime == "onnx-int8"
+    artifact = fitted.save(tmp_path / "artifact")
+    meta = json.loads((artifact / "classifier.json").read_text())
+    assert meta["hyperparameters"]["runtime"] == "onnx-int8"
+    assert meta["metrics"]["calibrated_with"] == runtime_version("onnx-int8") != runtime_version("torch")
+    assert load_classifier(artifact).runtime == "onnx-int8" and "calibrated with" not in caplog.text
+    meta["metrics"]["calibrated_with"] = "onnxruntime 0.1"
+    (artifact / "classifier.json").write_text(json.dumps(meta))
+    load_classifier(artifact)
+    assert "calibrated with onnxruntime 0.1, scoring with onnxruntime" in caplog.text
+    del meta["hyperparameters"]["runtime"], meta["metrics"]["calibrated_with"]  # calibrated before runtimes: on torch
+    (artifact / "classifier.json").write_text(json.dumps(meta))
+    older = load_classifier(artifact)
+    assert older.runtime == "torch" and older.threshold_ == fitted.threshold_
+    assert isinstance(older._runner().model_forward, TorchForward)
+    with pytest.raises(ValueError, match="runtime: 'tensorrt' is not one of torch, onnx, onnx-int8"):
+        older.use_runtime("tensorrt")
+    with pytest.raises(ValueError, match="runtime: 'tensorrt'"):
+        FineTunedClassifier(runtime="tensorrt").fit(SKY[:2] + KITCHEN[:2], [1, 1, 0, 0])
+    assert older.use_runtime("onnx").threshold_ is None and older.group_thresholds_ == {}  # to calibrate again
+
+
 def test_a_logistic_artifact_of_format_2_still_loads(tmp_path):
     from classifier.model import PromptClassifier
 
@@ -184,8 +220,13 @@ def test_cli_refits_the_vocabulary_and_calibrates_again_keeping_the_encoder(tmp_
     assert meta["metrics"]["training_seconds"] == before["metrics"]["training_seconds"]
     assert meta["threshold"] is not None and set(meta["metrics"]["test"]["recall_by_group"]) == {"direct", "multi_turn"}
     assert "vocabulary stage refitted" in (refitted / "report.md").read_text()
+    assert "scored with onnx-int8" in (refitted / "report.md").read_text()
     loaded = load_classifier(refitted)
     assert loaded.score_prompts([["Write a limerick about the kuiper belt."]])[0] == 1.0
+    assert _run(["classifier", "refit-vocabulary", "--artifact", str(refitted), "--gate-data", str(gate),
+                 "--out", str(tmp_path / "on_torch"), "--runtime", "torch", "--alpha", "0.3", "--delta", "0.3"]) == 0
+    assert load_classifier(tmp_path / "on_torch").runtime == "torch"
+    assert "scored with torch" in (tmp_path / "on_torch" / "report.md").read_text()
     assert _run(["classifier", "refit-vocabulary", "--artifact", str(gate), "--gate-data", str(gate)]) == 2
     assert "refit-vocabulary:" in capsys.readouterr().err
 
