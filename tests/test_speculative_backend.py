@@ -63,15 +63,15 @@ def gauges(backend_url: str) -> Gauges:
                   total("vllm:request_success_total", 'finished_reason="length"'))
 
 
-def wait_for(backend_url: str, condition: Callable[[Gauges], bool], what: str) -> Gauges:
-    """The first reading of vLLM's metrics that meets the condition, within BOUND."""
-    deadline, seen = time.monotonic() + BOUND, []
+def wait_for(backend_url: str, condition: Callable[[Gauges], bool], what: str, bound: float = BOUND) -> Gauges:
+    """The first reading of vLLM's metrics that meets the condition, within `bound` seconds."""
+    deadline, seen = time.monotonic() + bound, []
     while time.monotonic() < deadline:
         seen.append(gauges(backend_url))
         if condition(seen[-1]):
             return seen[-1]
         time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {BOUND} s; vLLM showed, last: {seen[-5:]}")
+    raise AssertionError(f"{what}: not within {bound} s; vLLM showed, last: {seen[-5:]}")
 
 
 class HeldGate(KeywordGate):
@@ -85,7 +85,7 @@ class HeldGate(KeywordGate):
 
     def score_segments(self, segments: list[str], stop_above: float | None = None) -> float:
         self.asked.set()
-        self.release.wait(2 * BOUND)
+        self.release.wait(3 * BOUND)  # longer than any wait of the test, shorter than the proxy's deadline
         try:
             self.at_verdict = gauges(self.backend_url)
         finally:
@@ -163,14 +163,24 @@ class HangingClient:
 
 
 def _speculating(backend_url: str, url: str, gate: HeldGate, prompt: str, stream: bool, before: Gauges,
-                 tokens: int) -> HangingClient:
+                 tokens: int, app) -> HangingClient:
     """A long request sent, asked of the held gate, and generating in vLLM (`tokens` so far) as the
     speculative request."""
     client = HangingClient(url, {"model": "gemma-3-270m", "prompt": prompt, "stream": stream, **LONG})
     assert gate.asked.wait(BOUND)
-    wait_for(backend_url, lambda g: g.requests == 1 and g.generated - before.generated >= tokens,
-             "the speculative request generates")
+    try:  # vLLM publishes its gauges as its engine steps: a stalled engine shows nothing new for a while
+        wait_for(backend_url, lambda g: g.requests == 1 and g.generated - before.generated >= tokens,
+                 "the speculative request generates", bound=2 * BOUND)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the client got {client.status} {client.body[:300]!r}; "
+                             f"the proxy counted {proxy_counts(app)}") from None
     return client
+
+
+def proxy_counts(app) -> dict[str, float]:
+    """The proxy's non-zero counters, to tell in a failure message what it did."""
+    return {f"{sample.name}{sample.labels}": sample.value for family in app.state.proxy.metrics.registry.collect()
+            for sample in family.samples if sample.name.endswith("_total") and sample.value}
 
 
 def _stays_idle(backend_url: str) -> Gauges:
@@ -190,7 +200,7 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
     app = build_app(backend.model_dir, backend.url, gate=gate, classify_timeout=HELD_GATE_DEADLINE)
     before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
     with Served(app) as url:
-        client = _speculating(backend.url, url, gate, FLAGGED_PROMPT, stream, before, tokens=10)
+        client = _speculating(backend.url, url, gate, FLAGGED_PROMPT, stream, before, tokens=10, app=app)
         try:
             gate.release.set()
             assert gate.decided.wait(BOUND)
@@ -209,7 +219,8 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
                 assert client.status == 200 and client.headers["x-eco-flagged"] == "true"
                 assert client.first_byte_at > gate.at_verdict.at and client.text and "Hermione" not in client.text
             else:
-                assert client.first_byte_at is None  # a whole body comes at the end of its 1,500 tokens
+                # a whole body comes at the end of its 1,500 tokens
+                assert client.first_byte_at is None, (client.status, client.body[:300], proxy_counts(app))
         finally:
             client.leave()  # a failed check must not leave the corrupted request running into the next test
         idle = _stays_idle(backend.url)  # the client left: nothing of ours runs
@@ -236,14 +247,15 @@ def test_a_client_leaving_before_the_verdict_stops_the_speculative_request(backe
     app = build_app(backend.model_dir, backend.url, gate=gate, classify_timeout=HELD_GATE_DEADLINE)
     before = wait_for(backend.url, lambda g: g.requests == 0, "the backend is idle")
     with Served(app) as url:
-        client = _speculating(backend.url, url, gate, prompt, stream, before, tokens=3)
+        client = _speculating(backend.url, url, gate, prompt, stream, before, tokens=3, app=app)
         client.leave()
         assert client.first_byte_at is None  # no answer can begin before the verdict
         _stays_idle(backend.url)
         gate.release.set()  # the verdict comes after the client left: nothing is sent upstream then
         assert gate.decided.wait(BOUND)
-        _stays_idle(backend.url)
+        idle = _stays_idle(backend.url)
     assert not gate.at_verdict.requests
+    assert idle.ran_to_length == before.ran_to_length, (before, idle)  # stopped, not finished, on a fast machine
     assert app.state.proxy.metrics.registry.get_sample_value("eco_client_gone_total") == 1
 
 
