@@ -27,6 +27,7 @@ import httpx
 import pytest
 import uvicorn
 from inprocess import KeywordGate, build_app
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from vllm_client.server import free_port
@@ -163,7 +164,7 @@ class HangingClient:
 
 
 def _speculating(backend_url: str, url: str, gate: HeldGate, prompt: str, stream: bool, before: Gauges,
-                 tokens: int, app) -> HangingClient:
+                 tokens: int, app: Starlette) -> HangingClient:
     """A long request sent, asked of the held gate, and generating in vLLM (`tokens` so far) as the
     speculative request."""
     client = HangingClient(url, {"model": "gemma-3-270m", "prompt": prompt, "stream": stream, **LONG})
@@ -172,23 +173,26 @@ def _speculating(backend_url: str, url: str, gate: HeldGate, prompt: str, stream
         wait_for(backend_url, lambda g: g.requests == 1 and g.generated - before.generated >= tokens,
                  "the speculative request generates", bound=2 * BOUND)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; the client got {client.status} {client.body[:300]!r}; "
-                             f"the proxy counted {proxy_counts(app)}") from None
+        raise AssertionError(f"{exc}; {what_happened(client, app)}") from None
     return client
 
 
-def proxy_counts(app) -> dict[str, float]:
-    """The proxy's non-zero counters, to tell in a failure message what it did."""
-    return {f"{sample.name}{sample.labels}": sample.value for family in app.state.proxy.metrics.registry.collect()
-            for sample in family.samples if sample.name.endswith("_total") and sample.value}
+def what_happened(client: HangingClient, app: Starlette) -> str:
+    """What the client got and the proxy's non-zero counters, to tell in a failure message what it did."""
+    counts = {f"{sample.name}{sample.labels}": sample.value for family in app.state.proxy.metrics.registry.collect()
+              for sample in family.samples if sample.name.endswith("_total") and sample.value}
+    return f"the client got {client.status} {client.body[:300]!r}; the proxy counted {counts}"
 
 
-def _stays_idle(backend_url: str) -> Gauges:
-    """Nothing runs in vLLM, and nothing is generated over the next second."""
+def _stays_idle(backend_url: str, before: Gauges) -> Gauges:
+    """Nothing runs in vLLM, nothing is generated over the next second, and no request ran to its length
+    since `before`: ours were stopped, not finished (a counter, unlike the running-requests gauge, does not
+    depend on when vLLM's metrics were read, and a fast machine could finish a request inside the wait)."""
     idle = wait_for(backend_url, lambda g: g.requests == 0, "vLLM stops every request of ours")
     time.sleep(1.0)
     later = gauges(backend_url)
     assert later.requests == 0 and later.generated == idle.generated, (idle, later)
+    assert later.ran_to_length == before.ran_to_length, (before, later)
     return later
 
 
@@ -220,14 +224,12 @@ def test_a_flagged_speculative_request_stops_in_vllm(backend, stream):
                 assert client.first_byte_at > gate.at_verdict.at and client.text and "Hermione" not in client.text
             else:
                 # a whole body comes at the end of its 1,500 tokens
-                assert client.first_byte_at is None, (client.status, client.body[:300], proxy_counts(app))
+                assert client.first_byte_at is None, what_happened(client, app)
         finally:
             client.leave()  # a failed check must not leave the corrupted request running into the next test
-        idle = _stays_idle(backend.url)  # the client left: nothing of ours runs
-    # Neither request ran to its 1,500 tokens: the speculative one was aborted (by the verdict, the proxy
-    # counts), not finished before it, and the corrupted one when the client left. A counter, unlike the
-    # running-requests gauge, does not depend on when vLLM's metrics were read.
-    assert idle.ran_to_length == before.ran_to_length, (before, idle)
+        # The client left: nothing of ours runs, and neither request ran to its 1,500 tokens: the speculative
+        # one was aborted (by the verdict, the proxy counts), the corrupted one when the client left.
+        _stays_idle(backend.url, before)
     metrics = app.state.proxy.metrics.registry  # (waste is counted off the answer's path: long done by now)
     assert metrics.get_sample_value("eco_speculative_aborted_total", {"reason": "flagged"}) == 1
     assert metrics.get_sample_value("eco_speculative_wasted_total", {"target": "harry_potter"}) == 1
@@ -250,12 +252,11 @@ def test_a_client_leaving_before_the_verdict_stops_the_speculative_request(backe
         client = _speculating(backend.url, url, gate, prompt, stream, before, tokens=3, app=app)
         client.leave()
         assert client.first_byte_at is None  # no answer can begin before the verdict
-        _stays_idle(backend.url)
+        _stays_idle(backend.url, before)
         gate.release.set()  # the verdict comes after the client left: nothing is sent upstream then
         assert gate.decided.wait(BOUND)
-        idle = _stays_idle(backend.url)
+        _stays_idle(backend.url, before)
     assert not gate.at_verdict.requests
-    assert idle.ran_to_length == before.ran_to_length, (before, idle)  # stopped, not finished, on a fast machine
     assert app.state.proxy.metrics.registry.get_sample_value("eco_client_gone_total") == 1
 
 
