@@ -42,6 +42,8 @@ def register(groups: argparse._SubParsersAction) -> None:
                        help="time budget of the fine-tune: fewer epochs when it binds (finetuned)")
     train.add_argument("--diluted-fraction", type=float, default=0.1,
                        help="diluted forget prompts added to each split, as a fraction of its forget records")
+    train.add_argument("--obfuscated-fraction", type=float, default=0.1,
+                       help="obfuscated copies of the training split's forget prompts, as a fraction of them")
     train.add_argument("--encoder", default=DEFAULT_ENCODER, help="sentence-transformers directory")
     train.add_argument("--C", type=float, default=10.0, help="inverse regularisation strength (logistic)")
     train.add_argument("--seed", type=int, default=0)
@@ -97,7 +99,8 @@ def _train_gate(args: argparse.Namespace) -> int:
     try:
         train_gate(GateTraining(args.gate_data, args.out, model=args.model or "finetuned", alpha=args.alpha,
                                 delta=args.delta, epochs=args.epochs, max_minutes=args.max_minutes,
-                                diluted_fraction=args.diluted_fraction, encoder=args.encoder, C=args.C,
+                                diluted_fraction=args.diluted_fraction, obfuscated_fraction=args.obfuscated_fraction,
+                                encoder=args.encoder, C=args.C,
                                 seed=args.seed, entities=args.entities, entities_top_k=args.entities_top_k,
                                 runtime=args.runtime))
     except (OSError, ValueError) as exc:

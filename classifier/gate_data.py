@@ -257,3 +257,17 @@ def obfuscate(text: str, rng: random.Random) -> str:
         at = match.end()
     return "".join(pieces) + text[at:]
 
+
+def obfuscated(forget_records: Sequence[GateRecord], n: int, seed: int) -> list[GateRecord]:
+    """n forget records of group "obfuscated": a forget text with some of its words disguised (`obfuscate`),
+    so that the encoder also learns the spellings no reading undoes. Deterministic for a seed."""
+    short = [r for r in forget_records if r.messages is None]
+    if n and not short:
+        raise ValueError("obfuscated needs forget records with a text")
+    rng = random.Random(seed)
+    made = []
+    for _ in range(n):
+        target = rng.choice(short)
+        made.append(GateRecord(obfuscate(target.text, rng), "forget", "obfuscated", target.cluster, target.lang,
+                               None, f"obfuscated(seed={seed})"))
+    return made

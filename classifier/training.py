@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from classifier.encoder import DEFAULT_ENCODER
-from classifier.gate_data import GateRecord
+from classifier.gate_data import GateRecord, obfuscated
 from classifier.runtime import DEFAULT_RUNTIME
 
 
@@ -22,6 +22,7 @@ class GateTraining:
     epochs: int = 4
     max_minutes: float = 20.0
     diluted_fraction: float = 0.1
+    obfuscated_fraction: float = 0.1  # obfuscated copies of the training split's forget prompts
     encoder: str = DEFAULT_ENCODER
     C: float = 10.0  # logistic only
     seed: int = 0
@@ -86,6 +87,8 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
     from classifier.report import score_records
 
     splits = gate_splits(job.gate_data, job.seed, job.diluted_fraction)
+    forget = [r for r in splits["train"] if r.label == "forget" and r.group != "diluted"]
+    splits["train"] += obfuscated(forget, round(job.obfuscated_fraction * len(forget)), seed=job.seed)
     for name, records in splits.items():
         log(f"{name:12s} {counts(records)}")
     train, calibration = splits["train"], splits["calibration"]

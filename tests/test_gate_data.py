@@ -7,7 +7,8 @@ from collections import defaultdict
 
 import pytest
 
-from classifier.gate_data import GateRecord, chat_transcript, diluted, load_records, obfuscate, split_by_cluster
+from classifier.gate_data import (GateRecord, chat_transcript, diluted, load_records, obfuscate, obfuscated,
+                                  split_by_cluster)
 from classifier.normalize import variants
 from classifier.segments import word_count
 
@@ -106,6 +107,17 @@ def test_obfuscations_are_undone_by_the_variants():
     recovered = sum(any(v.casefold() == text.casefold() for v in variants(d)) for d in disguised)
     assert recovered / len(disguised) > 0.8
 
+
+
+def test_obfuscated_copies_are_forget_records_of_their_source_cluster_and_skip_chats():
+    source = [GateRecord("Who taught Potions at Hogwarts?", "forget", "direct", "direct:potions"),
+              GateRecord("user: hi\nuser: and Dumbledore?", "forget", "multi_turn", "mt:x",
+                         messages=({"role": "user", "content": "hi"}, {"role": "user", "content": "and Dumbledore?"}))]
+    made = obfuscated(source, 30, seed=1)
+    assert len(made) == 30 and made == obfuscated(source, 30, seed=1)
+    assert {(r.label, r.group, r.cluster, r.messages) for r in made} == {("forget", "obfuscated", "direct:potions", None)}
+    assert all(r.text != source[0].text for r in made)
+    assert obfuscated([], 0, seed=1) == []
 
 def test_the_target_vocabulary_joins_the_training_split_only(tmp_path):
     from classifier.training import TERM_FRAMES_PER_TERM, gate_splits
