@@ -108,7 +108,6 @@ def test_obfuscations_are_undone_by_the_variants():
     assert recovered / len(disguised) > 0.8
 
 
-
 def test_obfuscated_copies_are_forget_records_of_their_source_cluster_and_skip_chats():
     source = [GateRecord("Who taught Potions at Hogwarts?", "forget", "direct", "direct:potions"),
               GateRecord("user: hi\nuser: and Dumbledore?", "forget", "multi_turn", "mt:x",
@@ -118,6 +117,7 @@ def test_obfuscated_copies_are_forget_records_of_their_source_cluster_and_skip_c
     assert {(r.label, r.group, r.cluster, r.messages) for r in made} == {("forget", "obfuscated", "direct:potions", None)}
     assert all(r.text != source[0].text for r in made)
     assert obfuscated([], 0, seed=1) == []
+
 
 def test_the_target_vocabulary_joins_the_training_split_only(tmp_path):
     from classifier.training import TERM_FRAMES_PER_TERM, gate_splits
