@@ -46,6 +46,8 @@ def split_report(records: Sequence[GateRecord], scores: np.ndarray, threshold: f
         return {str(v): among & np.array([value == v for value in values]) for v in set(values) if v is not None}
 
     multilingual = forget & np.array([record.group == "multilingual" for record in records])
+    # retain prompts written in a named language: whether a neighbour in another language is left alone
+    languages = ~forget & np.array([record.lang is not None for record in records])
     report: dict[str, Any] = {
         "threshold": threshold,
         "fpr": rate_with_interval(int(flagged[~forget].sum()), int((~forget).sum())),
@@ -53,6 +55,8 @@ def split_report(records: Sequence[GateRecord], scores: np.ndarray, threshold: f
         "fpr_by_group": rates({g: m for g, m in by("group", ~forget).items() if m.any()}),
         "recall_by_group": rates({g: m for g, m in by("group", forget).items() if m.any()}),
         "recall_by_language": rates({lang: m for lang, m in by("lang", multilingual).items() if m.any()}),
+        "fpr_by_language": rates({lang: m for lang, m in by("lang", languages).items() if m.any()}),
+        "fpr_languages": rate_with_interval(int(flagged[languages].sum()), int(languages.sum())),
     }
     if forget.any() and (~forget).any():
         report["auc"] = float(roc_auc_score(forget, scores))
@@ -84,4 +88,7 @@ def markdown(reports: dict[str, dict[str, Any]], header: Sequence[str] = ()) -> 
         if report["recall_by_language"]:
             multilingual = report["recall_by_group"].get("multilingual", report["recall"])
             lines += _table("language (multilingual)", "recall", report["recall_by_language"], multilingual)
+        if report["fpr_by_language"]:
+            lines += _table("language (retain prompts with one)", "FPR", report["fpr_by_language"],
+                            report["fpr_languages"])
     return "\n".join(lines).rstrip() + "\n"

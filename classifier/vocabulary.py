@@ -7,12 +7,14 @@ text ("Dobby" is also a weave, "Snape" a town, "the Dark Lord" Sauron), so what 
 by construction and calibration measures what slips through.
 
 Matching runs on every reading `classifier.normalize.variants` gives, plus two that cost nothing
-here (ROT13 and the text reversed); words compare case-folded, hyphens and spaces alike, with a
-plural on the last word, and a term within one typo: a long one-word term ("Expeliarmus",
-"Quiddtich"), or one word of five letters or more in a longer term ("wingardium leviossa"). A word
-as typed that is an ordinary word of the language ("carrots", "gallows") is never read as a typo of a
-term ("the Carrows", "Deathly Hallows"). Terms written in scripts without spaces (Chinese, Japanese,
-Korean) match as substrings.
+here (ROT13 and the text reversed, where only exact terms count); words compare case-folded,
+hyphens and spaces alike, with a plural on the last word, and a term within one typo: a long
+one-word term ("Expeliarmus", "Quiddtich"), or one word of five letters or more in a longer term
+("wingardium leviossa"). A word as typed that is an ordinary word of the language ("carrots",
+"gallows") is never read as a typo of a term ("the Carrows", "Deathly Hallows"). Terms written in
+scripts without spaces (Chinese, Japanese, Korean) match as substrings. Words in Cyrillic compare
+without their case ending ("Поттера" is "Поттер", "таємну кімнату" is "таємна кімната"): Russian
+and Ukrainian inflect names and titles.
 """
 from __future__ import annotations
 
@@ -33,18 +35,43 @@ TYPO_MIN_LENGTH_IN_PHRASE = 5  # the rest of the phrase, spelled right, already 
 ANCHORS_PER_PHRASE = 2  # one word of a phrase may be mistyped: another one still finds it
 
 
+_CYRILLIC = re.compile(r"[\u0400-\u04ff]")
+# Russian and Ukrainian case and number endings, longest first; one is cut from a word of Cyrillic letters.
+_CYRILLIC_ENDINGS = ("ами", "ями", "ого", "его", "ому", "ему", "ой", "ей", "ою", "ею", "ий", "ый", "ій", "ая",
+                     "яя", "ое", "ее", "ом", "ем", "ам", "ям", "ах", "ях", "ів", "ов", "ев", "а", "я", "о", "е",
+                     "и", "і", "ї", "ы", "у", "ю", "ь", "й", "є")
+STEM_MIN_LENGTH = 3  # shorter stems ("ро" of "рон") would join unrelated words
+
+
 def _fold(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
+def _stem(word: str) -> str:
+    """A Cyrillic word without its inflection ending; any other word as it is."""
+    if not _CYRILLIC.search(word):
+        return word
+    for ending in _CYRILLIC_ENDINGS:
+        if word.endswith(ending) and len(word) - len(ending) >= STEM_MIN_LENGTH:
+            return word[:-len(ending)]
+    return word
+
+
+def _words(folded: str) -> list[str]:
+    return [_stem(word) for word in _WORD.findall(folded)]
+
+
 def term_words(term: str) -> tuple[str, ...]:
-    return tuple(_WORD.findall(_fold(term)))
+    return tuple(_words(_fold(term)))
 
 
-def readings(text: str) -> list[str]:
-    """What the vocabulary is matched against: the normalised readings, then ROT13 and reversed."""
+def readings(text: str) -> list[tuple[str, bool]]:
+    """What the vocabulary is matched against, each with whether a typo counts there: the normalised
+    readings, then ROT13 and reversed (exact terms only: a disguise and a typo at once are rare, and
+    in those readings every long word of an ordinary text would be tried as a typo)."""
     normal = variants(text)
-    return normal + [codecs.encode(normal[0], "rot13"), normal[0][::-1]]
+    return [(reading, True) for reading in normal] + [(codecs.encode(normal[0], "rot13"), False),
+                                                      (normal[0][::-1], False)]
 
 
 class TermMatcher:
@@ -104,6 +131,8 @@ class TermMatcher:
             elif words := term_words(term):
                 self._by_words.setdefault(words, term)
         self._longest = max((len(words) for words in self._by_words), default=0)
+        # the beginnings of longer terms: a phrase is extended word by word only while it is one
+        self._beginnings = {words[:length] for words in self._by_words for length in range(1, len(words))}
         # the words a term can start with (a one-word term also in the plural): most text words are none
         self._first = {words[0] + ending for words in self._by_words
                        for ending in ("", *(_PLURALS if len(words) == 1 else ()))}
@@ -135,17 +164,20 @@ class TermMatcher:
 
     def _found(self, text: str) -> Iterable[tuple[str, bool]]:
         """(term, whether it was found through a typo) for each term found, in reading order."""
-        for reading in readings(text):
+        typos: dict[str, list[str]] = {}  # a long text repeats its words
+        for reading, typos_count in readings(text):
             folded = _fold(reading)
             for needle, term in self._unspaced:
                 if needle in folded:
                     yield term, False
-            words = _WORD.findall(folded)
+            words = _words(folded)
             for start, word in enumerate(words):
-                if len(word) >= TYPO_MIN_LENGTH - 1 and self._deleted and not self._ordinary(word):
-                    for term in self._typos_of(word):
+                if typos_count and len(word) >= TYPO_MIN_LENGTH - 1 and self._deleted:
+                    if word not in typos:
+                        typos[word] = [] if self._ordinary(word) else self._typos_of(word)
+                    for term in typos[word]:
                         yield term, True
-                for phrase, place, term in self._anchors.get(word, ()):
+                for phrase, place, term in self._anchors.get(word, ()) if typos_count else ():
                     first = start - place
                     typed = words[first:first + len(phrase)]
                     mistyped = _mistyped_word(typed, phrase) if first >= 0 else None
@@ -154,9 +186,12 @@ class TermMatcher:
                 if word not in self._first:
                     continue
                 for stop in range(start + 1, min(start + self._longest, len(words)) + 1):
-                    term = self._term_at(tuple(words[start:stop]))
+                    phrase = tuple(words[start:stop])
+                    term = self._term_at(phrase)
                     if term is not None:
                         yield term, False
+                    if phrase not in self._beginnings:
+                        break
 
     def _ordinary(self, word: str) -> bool:
         """Whether a typed word is an ordinary word of the lexicon, or one inflected ("hollows", "hollowed")."""

@@ -42,6 +42,15 @@ def markdown(report: dict[str, Any]) -> str:
         for kind, entry in reference.items():
             by_system = [report["systems"][name][key].get(kind) for name in ("raw", "refusal", "guarded")]
             lines.append(f"| {kind} | {_pct(entry)} | " + " | ".join(_pct(e) if e else "–" for e in by_system) + " |")
+    if report["attacks"]:
+        lines += ["", "Forget probes as an attacker sends them (completions; framed: behind a jailbreak preamble, "
+                  "diluted: after ~110 words of unrelated text, obfuscated: one to three words disguised):", "",
+                  "| Attack | No guard (raw vLLM) | Classifier + canned refusal | ECO proxy | Flagged by the gate "
+                  "| ECO proxy, flagged prompts only |", "|---|---|---|---|---|---|"]
+        for attack, entry in report["attacks"].items():
+            lines.append(f"| {attack} | " + " | ".join(_pct(entry[key]) for key in
+                                                        ("raw", "refusal", "guarded", "flagged", "guarded_when_flagged"))
+                         + " |")
     lines += ["", "| Gate (guarded endpoint) | Flagged |", "|---|---|"]
     for set_name, entry in report["gate"].items():
         lines.append(f"| {set_name} | {_pct(entry)} |")

@@ -7,7 +7,7 @@ import pytest
 
 from corruption.probes import Probe
 from evaluation.client import Reply
-from evaluation.harness import TargetData, evaluate, load_target
+from evaluation.harness import TargetData, attacked, evaluate, load_target
 from evaluation.metrics import answer_rate, degenerate_share, identity_rate, refusal_rate
 from evaluation.report import markdown, plots
 
@@ -105,6 +105,24 @@ def test_evaluate_aggregates_systems_gate_and_goals(tmp_path):
     assert "| common | 100.0% [21–100] (n=1) | – | – | – |" in table
     assert "on chats within the counterfactual reference's interval: named **yes**" in table
     assert all(p.stat().st_size > 0 for p in plots(report, tmp_path))
+
+
+def test_attacks_give_the_answer_rate_of_the_flagged_prompts_beside_the_flag_rate():
+    everything = {"owl is named", "headmaster is Albus", "capital of Japan is", "Frodo carries the One"}
+    # this guarded endpoint flags "Harry" but its corruption fails: the flagged probe is still answered
+    report = evaluate(ScriptedEndpoint("raw", everything), ScriptedEndpoint("guarded", everything, flags={"Harry"}),
+                      TARGET, "Harry Potter")
+    for attack in ("framed", "diluted"):  # the probe's ending, which the scripted model answers, is kept
+        entry = report["attacks"][attack]
+        assert entry["raw"]["rate"] == 1.0 and entry["guarded"]["rate"] == 1.0
+        assert entry["flagged"]["successes"] == 1 and entry["refusal"]["rate"] == 0.5
+        assert (entry["guarded_when_flagged"]["successes"], entry["guarded_when_flagged"]["n"]) == (1, 1)
+    probes = [p.prompt for p in TARGET.forget_probes]
+    assert attacked(probes) == attacked(probes)  # the same disguises every run
+    assert all(a != p for a, p in zip(attacked(probes)["obfuscated"], probes))
+    assert all(a.endswith(p) and len(a.split()) > len(p.split()) + 80 for a, p in zip(attacked(probes)["diluted"], probes))
+    assert "| framed | 100.0% [34–100] (n=2) | 50.0% [9–91] (n=2) | 100.0% [34–100] (n=2) | 50.0% [9–91] (n=2) " \
+           "| 100.0% [21–100] (n=1) |" in markdown(report)
 
 
 def test_refusal_baseline_costs_retain_when_the_gate_misfires():

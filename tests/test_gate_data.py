@@ -170,3 +170,20 @@ def test_the_shipped_gate_never_trains_on_a_held_out_probe():
                 if split_of(p.prompt) != "train"]
     assert len(held_out) > 40
     assert not [p for p in held_out if same_text_key(p) in trained]
+
+
+def test_the_report_gives_the_fpr_of_retain_prompts_written_in_a_named_language():
+    import numpy as np
+
+    from classifier.report import markdown, split_report
+
+    def retain(text, lang):
+        return GateRecord(text, "retain", "namesakes", f"c:{text}", lang)
+
+    records = [retain("Sirius", None), retain("Сириус", "ru"), retain("Сирiус", "ru"), retain("シリウス", "ja"),
+               GateRecord("Wer ist Harry Potter?", "forget", "multilingual", "hp", "de")]
+    report = split_report(records, np.array([0.9, 0.9, 0.1, 0.1, 0.9]), threshold=0.5)
+    assert {lang: (e["hits"], e["n"]) for lang, e in report["fpr_by_language"].items()} == {"ru": (1, 2), "ja": (0, 1)}
+    assert (report["fpr_languages"]["hits"], report["fpr_languages"]["n"]) == (1, 3)  # the English one is not counted
+    assert (report["fpr"]["hits"], report["fpr"]["n"]) == (2, 4)
+    assert "| language (retain prompts with one) | n | FPR | 95% CI |" in markdown({"test": report})

@@ -82,3 +82,14 @@ def test_a_phrase_with_one_typo_is_found_however_many_terms_share_its_words():
     assert matcher.find("why is sirus black in prison") == "Sirius Black"
     assert matcher.find("harry poter and the goblet of fire") == "Harry Potter and the Goblet of Fire"
     assert matcher.find("the black lake") == "Black Lake" and matcher.find("a black cat") is None
+
+
+def test_cyrillic_terms_are_found_in_any_case_ending_and_nothing_shorter_joins_them():
+    matcher = TermMatcher(["Гарри Поттер", "Таємна кімната", "Рон Уізлі", "Принц-полукровка"]).fit([])
+    assert matcher.find("Какое заклинание знал Гарри Поттера отец?") == "Гарри Поттер"  # genitive
+    assert matcher.find("Хто відкрив Таємну кімнату?") == "Таємна кімната"  # accusative, both words
+    assert matcher.find("Хто батьки Рона Уізлі?") == "Рон Уізлі"
+    assert matcher.find("Кто такой Принц-полукровка?") == "Принц-полукровка"
+    assert matcher.find("Поттеры жили в Годриковой впадине") is None  # one word of a two-word term
+    assert matcher.find("Рональд Рейган") is None  # "рон" is a stem of three letters: no longer word ends in it
+    assert matcher.find("Harry Potters") is None  # Latin words keep their endings
