@@ -69,6 +69,11 @@ def register(groups: argparse._SubParsersAction) -> None:
                         help="rounds of halving the overall scale once the goal is met")
     search.add_argument("--spread-keys", type=int, default=3,
                         help="noise keys the learned corruption is re-measured with (its spread, in the result)")
+    search.add_argument("--candidates", nargs="+", type=_candidate, metavar="METHOD[:DIMS]", default=[],
+                        help="gaussian methods to try instead of --method/--dims (e.g. gaussian_first_n "
+                             "gaussian_top_k:64 gaussian_first_n:1; no DIMS: every dimension), one search each, "
+                             "from the same noise energy per token; keeps the one that meets the goal with the "
+                             "fewest degenerate continuations, and lists them all in the result")
     train.add_argument("--samples", type=int, default=2, help="noise draws per probe")
     train.add_argument("--max-tokens", type=int, default=8, help="tokens generated per probe")
     train.add_argument("--embedding-scale", type=float, help="input-embedding scale for an unknown architecture")
@@ -89,6 +94,15 @@ def register(groups: argparse._SubParsersAction) -> None:
     twins.set_defaults(run=_counterfactual)
 
 
+def _candidate(text: str) -> tuple[str, int | None]:
+    method, _, dims = text.partition(":")
+    if method not in GAUSSIAN:
+        raise argparse.ArgumentTypeError(f"{method!r} is not one of {', '.join(GAUSSIAN)}")
+    if dims and not (dims.isdigit() and int(dims) > 0):
+        raise argparse.ArgumentTypeError(f"dimensions in {text!r} must be a positive whole number")
+    return method, int(dims) if dims else None
+
+
 def _train(args: argparse.Namespace) -> int:
     from corruption.embeddings import EmbeddingError
     from corruption.training import CorruptionTraining, train_corruption
@@ -97,13 +111,13 @@ def _train(args: argparse.Namespace) -> int:
     job = CorruptionTraining(
         backend_url=args.backend_url, model_dir=args.model_dir, out=args.out, score=args.score, probes=args.probes,
         counterfactual=args.counterfactual, control=args.control, mc=args.mc, goal=args.goal, method=args.method,
-        dims=args.dims, vector=args.vector,
-        scope=args.scope, entities=args.entities, other_sigma=args.other_sigma,
+        dims=args.dims, vector=args.vector, scope=args.scope, entities=args.entities, other_sigma=args.other_sigma,
         corrupt_special_tokens=args.corrupt_special_tokens, initial=args.initial, steps=args.steps, lr=args.lr,
         mu=args.mu, tolerance=args.tolerance, learn=tuple(args.learn), fluency_bound=args.fluency_bound,
         fluency_probes=args.fluency_probes, fluency_tokens=args.fluency_tokens, bisections=args.bisections,
-        spread_keys=args.spread_keys, samples=args.samples, max_tokens=args.max_tokens,
-        embedding_scale=args.embedding_scale, skip_embedding_check=args.skip_embedding_check, seed=args.seed)
+        spread_keys=args.spread_keys, candidates=tuple(args.candidates), samples=args.samples,
+        max_tokens=args.max_tokens, embedding_scale=args.embedding_scale,
+        skip_embedding_check=args.skip_embedding_check, seed=args.seed)
     try:
         train_corruption(job)
     except (OSError, ValueError, EmbeddingError, BackendError) as exc:

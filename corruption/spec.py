@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -103,7 +103,7 @@ class CorruptionSpec(BaseModel):
             raise ValueError(f"method {self.method} has no strength to set")
         return self.model_copy(update={field: strength})
 
-    def with_fields(self, **values: float | list[float]) -> "CorruptionSpec":
+    def with_fields(self, **values: Any) -> "CorruptionSpec":
         """A validated copy with these fields changed (e.g. the strengths a search tries)."""
         return CorruptionSpec.model_validate({**self.model_dump(), **values})
 

@@ -306,3 +306,54 @@ def test_spsa_reports_a_goal_it_cannot_meet():
 
     result = SPSASearch(max_steps=3).search(never, [0.5])
     assert not result.met and result.stopped == "goal not met in 3 steps" and len(result.evaluations) == 10
+
+
+def _searched(met: bool, degenerate: list[float], spread_named: list[float]) -> dict:
+    """A search's result as the selection reads it: the learned point's key first, then the spread's keys."""
+    return {"met": met, "final": {"degenerate_rate": degenerate[0]}, "goal": {"forget_upper_by_kind": {"named": 0.1}},
+            "spread": {"degenerate_rate": degenerate[1:], "rates_by_kind": {"named": spread_named}}}
+
+
+def test_the_trainer_keeps_the_candidate_that_forgets_with_the_most_fluent_output_over_all_keys():
+    from corruption.training import choose_candidate
+
+    noisy = _searched(True, [0.5, 0.5, 0.5, 0.5], [0.05])
+    lucky = _searched(True, [0.0, 0.5, 0.5, 0.5], [0.05])  # fluent under the search's key only
+    fluent = _searched(True, [0.25, 0.0, 0.25, 0.0], [0.2])
+    missed = _searched(False, [0.0, 0.0, 0.0, 0.0], [0.4])
+    assert choose_candidate([noisy, lucky, fluent, missed]) == 2  # met first, then the fewest degenerate ones
+    steady = _searched(True, [0.0, 0.25, 0.0, 0.25], [0.05, 0.08])
+    assert choose_candidate([fluent, steady]) == 1  # as fluent: the one that forgets under every key
+    assert choose_candidate([missed]) == 0
+
+
+def test_a_candidate_on_fewer_dimensions_starts_with_the_same_noise_energy_per_token():
+    from corruption.training import _candidate_spec
+
+    spec = CorruptionSpec(method="gaussian_first_n", dims=640, sigma=2.0, scope="entities", entities=["Harry"])
+    top = _candidate_spec(spec, "gaussian_top_k", 64, 2.0, 640)
+    assert (top.method, top.dims, top.scope, top.entities) == ("gaussian_top_k", 64, "entities", ["Harry"])
+    assert top.sigma ** 2 * 64 == pytest.approx(2.0 ** 2 * 640)
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("zero_top_k:8", "is not one of"), ("gaussian_top_k:0", "positive whole number"),
+    ("gaussian_top_k:x", "positive whole number")])
+def test_candidates_on_the_command_line_are_gaussian_methods_with_a_positive_dimension_count(argument, message, capsys):
+    from proxy.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["corruption", "train", "--backend-url", "http://127.0.0.1:9", "--model-dir", ".", "--out", "x.json",
+              "--candidates", argument])
+    assert message in capsys.readouterr().err
+
+
+def test_candidates_need_counterfactual_twins(tmp_path):
+    from corruption.training import CorruptionTraining, train_corruption
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "Harry's owl is", "answers": ["Hedwig"]}) + "\n")
+    job = CorruptionTraining("http://127.0.0.1:9", tmp_path, tmp_path / "out.json", probes=probes,
+                             candidates=(("gaussian_top_k", 64),))
+    with pytest.raises(ValueError, match="--candidates needs --counterfactual"):
+        train_corruption(job)

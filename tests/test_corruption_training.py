@@ -116,3 +116,26 @@ def test_two_sided_search_runs_through_the_backend(backend):
     assert result["final"]["rates_by_kind"]["named"] <= result["goal"]["forget_upper_by_kind"]["named"]
     assert 0 < result["learned"]["sigma"] <= 2.0 and result["spec"]["sigma"] == result["learned"]["sigma"]
     assert len(result["spread"]["rates_by_kind"]["named"]) == 2
+
+
+def test_the_trainer_chooses_where_the_noise_goes_among_candidates(backend, tmp_path):
+    """Two candidates, one search each through the live vLLM (sigma from 2.0 on all 640 dimensions, from the same
+    noise energy on 64): the result is one of them, and lists both."""
+    probes, twins = tmp_path / "probes.jsonl", tmp_path / "twins.jsonl"
+    probes.write_text("".join(json.dumps({"prompt": p.prompt, "answers": list(p.answers), "kind": "named"}) + "\n"
+                              for p in PROBES))
+    twins.write_text("".join(json.dumps({"prompt": f"Tobin Fenwright's friend number {i} is", "answers": ["Odelia"],
+                                         "kind": "named", "twin_of": p.prompt}) + "\n" for i, p in enumerate(PROBES)))
+    out = tmp_path / "corruption.json"
+    code = main(["corruption", "train", "--backend-url", backend.url, "--model-dir", str(backend.model_dir),
+                 "--probes", str(probes), "--counterfactual", str(twins), "--out", str(out), "--initial", "2.0",
+                 "--steps", "1", "--bisections", "1", "--spread-keys", "1", "--fluency-probes", "2",
+                 "--fluency-tokens", "8", "--fluency-bound", "1.0", "--samples", "1",
+                 "--candidates", "gaussian_first_n", "gaussian_top_k:64"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    searched = [(c["method"], c["dims"]) for c in result["candidates"]]
+    assert searched == [("gaussian_first_n", 640), ("gaussian_top_k", 64)]
+    chosen = (result["spec"]["method"], result["spec"]["dims"])
+    assert chosen in searched
+    assert CorruptionSpec.from_result_file(out).method == chosen[0]
