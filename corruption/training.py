@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from corruption.spec import GAUSSIAN
+from corruption.spec import GAUSSIAN, CorruptionSpec
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,6 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     from corruption.counterfactual import twins_of
     from corruption.embeddings import EmbeddingTable
     from corruption.probes import read_multiple_choice, read_probes
-    from corruption.spec import CorruptionSpec
     from corruption.trainer import CorruptionTrainer, EmbedsBackend
     from corruption.zo import SPSASearch, ZerothOrderOptimizer
 
@@ -91,7 +90,8 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     if job.candidates and not twins:
         raise ValueError("--candidates needs --counterfactual (the two-sided search compares them)")
     if strengthless := [method for method, _ in job.candidates if method not in GAUSSIAN]:
-        raise ValueError(f"--candidates: {strengthless[0]} has no noise strength to learn; use {', '.join(GAUSSIAN)}")
+        raise ValueError(f"--candidates: {strengthless[0]} has no noise strength to learn; "
+                         f"use one of {', '.join(GAUSSIAN)}")
     control = read_probes(job.control) if job.control else None
     entities = read_entity_terms(job.entities) if job.entities else []
     embeddings = EmbeddingTable.from_model_dir(job.model_dir, scale=job.embedding_scale)
@@ -125,7 +125,8 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
             results = []
             for candidate in specs:
                 if len(specs) > 1:
-                    log(f"candidate {candidate.method} on {candidate.dims} dimensions, sigma from {candidate.sigma:.3f}")
+                    log(f"candidate {candidate.method} on {candidate.dims} dimensions, "
+                        f"sigma from {candidate.sigma:.3f}")
                 searcher = trainer if candidate is spec else CorruptionTrainer(
                     backend, tokenizer, embeddings, candidate, entities=entities, samples=job.samples,
                     max_tokens=job.max_tokens, check_embeddings=not job.skip_embedding_check)
@@ -179,7 +180,7 @@ def choose_candidate(results: Sequence[Mapping[str, Any]]) -> int:
     return min(range(len(results)), key=rank)
 
 
-def _candidate_spec(spec: Any, method: str, dims: int, initial: float, hidden: int) -> Any:
+def _candidate_spec(spec: CorruptionSpec, method: str, dims: int, initial: float, hidden: int) -> CorruptionSpec:
     """`spec` with another gaussian method on `dims` dimensions, whose starting noise has the energy per token of
     `initial` on all `hidden` dimensions: fewer dimensions start stronger (initial * sqrt(hidden / dims))."""
     return spec.with_fields(method=method, dims=dims, sigma=initial * math.sqrt(hidden / dims))

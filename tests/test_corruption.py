@@ -339,7 +339,8 @@ def test_a_candidate_on_fewer_dimensions_starts_with_the_same_noise_energy_per_t
 @pytest.mark.parametrize("argument, message", [
     ("zero_top_k:8", "is not one of"), ("gaussian_top_k:0", "positive whole number"),
     ("gaussian_top_k:x", "positive whole number")])
-def test_candidates_on_the_command_line_are_gaussian_methods_with_a_positive_dimension_count(argument, message, capsys):
+def test_candidates_on_the_command_line_are_gaussian_methods_with_a_positive_dimension_count(
+        argument, message, capsys):
     from proxy.cli import main
 
     with pytest.raises(SystemExit):
