@@ -171,6 +171,14 @@ class CorruptionTrainer:
         """Greedy completions per prompt and noise draw (one draw when uncorrupted)."""
         return self._generate_with(prompts, self._spec_at(strength), max_tokens, self.secret_key, "probes")
 
+    def degenerate_share(self, prompts: Sequence[str], spec: CorruptionSpec | None, max_tokens: int,
+                         keys: Sequence[bytes]) -> float:
+        """The share of degenerate continuations of `prompts` under `spec` (None: uncorrupted), over the `samples`
+        draws of every noise key in `keys`."""
+        texts = [text for key in keys for draws in self._generate_with(prompts, spec, max_tokens, key, "fluency check")
+                 for text in draws]
+        return degenerate_rate(texts)
+
     def _embeds(self, prompts: Sequence[str], strength: float | Sequence[float] | None) -> list[list[torch.Tensor]]:
         return self._corrupted(prompts, self._spec_at(strength), self.secret_key)
 

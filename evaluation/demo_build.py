@@ -8,8 +8,8 @@
    with the logistic baseline beside it (demo/harry_potter/classifier-logistic/) for comparison;
 3. learn each target's corruption strength on the train split of its kept probes
    (demo/<target>/corruption.json): where it has twins, the noise on the names the twins swap, towards
-   the twins' answer rate per kind; else on every token, towards the control probes' rate; the other
-   probes stay held out for `eco-proxy eval`.
+   the twins' answer rate per kind, on the dimensions the trainer chooses; else on every token, towards
+   the control probes' rate; the other probes stay held out for `eco-proxy eval`.
 
 Every step calls a Python API (`classifier.training`, `corruption.training`), never the command line.
 """
@@ -51,13 +51,17 @@ def train_split_probes(kept: Path, workdir: Path) -> Path:
 
 def corruption_job(backend_url: str, model_dir: Path, target: Path, probes: Path) -> CorruptionTraining:
     """A target with counterfactual twins learns the noise on the very names its twins swap (their tokens only:
-    the rest of the prompt, <bos> and the template stay as they are, as in a twin) by the two-sided search;
-    one without learns one strength on every token towards its control probes' rate."""
+    the rest of the prompt, <bos> and the template stay as they are, as in a twin) by the two-sided search, once
+    for each place the noise may go (every dimension, the 64 largest, or one at a large strength, as the paper
+    does for WMDP), and keeps the most fluent; one without learns one strength on every token towards its
+    control probes' rate."""
     names = target / "counterfactual_names.json"
     if names.exists():
         return CorruptionTraining(backend_url, model_dir, target / "corruption.json", probes=probes,
                                   counterfactual=target / "counterfactual_probes.jsonl", scope="entities",
-                                  entities=names, initial=2.0, steps=8, bisections=5, samples=2)
+                                  entities=names, initial=2.0, steps=8, bisections=5, samples=2,
+                                  candidates=(("gaussian_first_n", None), ("gaussian_top_k", 64),
+                                              ("gaussian_first_n", 1)))
     return CorruptionTraining(backend_url, model_dir, target / "corruption.json", probes=probes,
                               control=DEMO_DIR / "harry_potter" / "control_probes.jsonl", initial=0.1, steps=12,
                               samples=3, corrupt_special_tokens=True)

@@ -308,21 +308,23 @@ def test_spsa_reports_a_goal_it_cannot_meet():
     assert not result.met and result.stopped == "goal not met in 3 steps" and len(result.evaluations) == 10
 
 
-def _searched(met: bool, degenerate: list[float], spread_named: list[float]) -> dict:
-    """A search's result as the selection reads it: the learned point's key first, then the spread's keys."""
-    return {"met": met, "final": {"degenerate_rate": degenerate[0]}, "goal": {"forget_upper_by_kind": {"named": 0.1}},
-            "spread": {"degenerate_rate": degenerate[1:], "rates_by_kind": {"named": spread_named}}}
+def _searched(met: bool, degenerate: float, spread_named: list[float], search_degenerate: float = 0.0) -> dict:
+    """A search's result as the selection reads it: the fluency check's rate, the search's own key's, and the
+    named probes' rates under the spread's keys."""
+    return {"met": met, "final": {"degenerate_rate": search_degenerate},
+            "fluency_check": {"degenerate_rate": degenerate}, "goal": {"forget_upper_by_kind": {"named": 0.1}},
+            "spread": {"rates_by_kind": {"named": spread_named}}}
 
 
-def test_the_trainer_keeps_the_candidate_that_forgets_with_the_most_fluent_output_over_all_keys():
+def test_the_trainer_keeps_the_candidate_that_forgets_with_the_most_fluent_output_in_the_fluency_check():
     from corruption.training import choose_candidate
 
-    noisy = _searched(True, [0.5, 0.5, 0.5, 0.5], [0.05])
-    lucky = _searched(True, [0.0, 0.5, 0.5, 0.5], [0.05])  # fluent under the search's key only
-    fluent = _searched(True, [0.25, 0.0, 0.25, 0.0], [0.2])
-    missed = _searched(False, [0.0, 0.0, 0.0, 0.0], [0.4])
+    noisy = _searched(True, 0.5, [0.05])
+    lucky = _searched(True, 0.4, [0.05], search_degenerate=0.0)  # fluent under the search's key only
+    fluent = _searched(True, 0.1, [0.2], search_degenerate=0.3)
+    missed = _searched(False, 0.0, [0.4])
     assert choose_candidate([noisy, lucky, fluent, missed]) == 2  # met first, then the fewest degenerate ones
-    steady = _searched(True, [0.0, 0.25, 0.0, 0.25], [0.05, 0.08])
+    steady = _searched(True, 0.1, [0.05, 0.08])
     assert choose_candidate([fluent, steady]) == 1  # as fluent: the one that forgets under every key
     assert choose_candidate([missed]) == 0
 

@@ -120,7 +120,7 @@ def test_two_sided_search_runs_through_the_backend(backend):
 
 def test_the_trainer_chooses_where_the_noise_goes_among_candidates(backend, tmp_path):
     """Two candidates, one search each through the live vLLM (sigma from 2.0 on all 640 dimensions, from the same
-    noise energy on 64): the result is one of them, and lists both."""
+    noise energy on 64), then a fluency check of each on every probe: the result is one of them, and lists both."""
     probes, twins = tmp_path / "probes.jsonl", tmp_path / "twins.jsonl"
     probes.write_text("".join(json.dumps({"prompt": p.prompt, "answers": list(p.answers), "kind": "named"}) + "\n"
                               for p in PROBES))
@@ -136,6 +136,8 @@ def test_the_trainer_chooses_where_the_noise_goes_among_candidates(backend, tmp_
     result = json.loads(out.read_text())
     searched = [(c["method"], c["dims"]) for c in result["candidates"]]
     assert searched == [("gaussian_first_n", 640), ("gaussian_top_k", 64)]
+    checks = [c["fluency_check"] for c in result["candidates"]]
+    assert all(c["prompts"] == len(PROBES) and 0 <= c["degenerate_rate"] <= 1 for c in checks)
     chosen = (result["spec"]["method"], result["spec"]["dims"])
     assert chosen in searched
     assert CorruptionSpec.from_result_file(out).method == chosen[0]
