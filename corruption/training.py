@@ -134,10 +134,10 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
                 results.append(searcher.search(data, reference, job.learn, search, fluency_bound=job.fluency_bound,
                                                fluency_prompts=job.fluency_probes, fluency_tokens=job.fluency_tokens,
                                                spread_keys=job.spread_keys, log=log))
+            result = results[0]
             if len(results) > 1:
                 _check_fluency(trainer, [p.prompt for p in data], results, job.fluency_tokens, log)
-            result = results[choose_candidate(results)]
-            if len(results) > 1:
+                result = results[choose_candidate(results)]
                 result["candidates"] = [_candidate_summary(r) for r in results]
                 log(f"chosen: {result['spec']['method']} on {result['spec']['dims']} dimensions")
             result["counterfactual"] = {"n": len(twins)}

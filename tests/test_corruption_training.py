@@ -120,7 +120,8 @@ def test_two_sided_search_runs_through_the_backend(backend):
 
 def test_the_trainer_chooses_where_the_noise_goes_among_candidates(backend, tmp_path):
     """Two candidates, one search each through the live vLLM (sigma from 2.0 on all 640 dimensions, from the same
-    noise energy on 64), then a fluency check of each on every probe: the result is one of them, and lists both."""
+    noise energy on 64), then a fluency check of each on every probe: the result is one of them, and lists both.
+    Without candidates, the search runs once on the method and dimensions given."""
     probes, twins = tmp_path / "probes.jsonl", tmp_path / "twins.jsonl"
     probes.write_text("".join(json.dumps({"prompt": p.prompt, "answers": list(p.answers), "kind": "named"}) + "\n"
                               for p in PROBES))
@@ -141,3 +142,11 @@ def test_the_trainer_chooses_where_the_noise_goes_among_candidates(backend, tmp_
     chosen = (result["spec"]["method"], result["spec"]["dims"])
     assert chosen in searched
     assert CorruptionSpec.from_result_file(out).method == chosen[0]
+    one = tmp_path / "one.json"  # without candidates: the one search, as given
+    assert main(["corruption", "train", "--backend-url", backend.url, "--model-dir", str(backend.model_dir),
+                 "--probes", str(probes), "--counterfactual", str(twins), "--out", str(one), "--initial", "2.0",
+                 "--steps", "1", "--bisections", "1", "--spread-keys", "1", "--fluency-probes", "2",
+                 "--fluency-tokens", "8", "--fluency-bound", "1.0", "--samples", "1", "--method", "gaussian_top_k",
+                 "--dims", "64"]) == 0
+    result = json.loads(one.read_text())
+    assert "candidates" not in result and (result["spec"]["method"], result["spec"]["dims"]) == ("gaussian_top_k", 64)
