@@ -122,6 +122,15 @@ class CorruptionTrainer:
         self.embedding_check: EmbeddingCheckResult | None = None
         self.special_ids = special_token_ids(tokenizer)
 
+    def with_spec(self, spec: CorruptionSpec) -> "CorruptionTrainer":
+        """The same trainer for another corruption (a candidate the search compares): the embedding check already
+        run holds for it, as it concerns the backend and the embeddings, not the corruption."""
+        trainer = CorruptionTrainer(self.backend, self.tokenizer, self.embeddings, spec, entities=self.entities,
+                                    secret_key=self.secret_key, samples=self.samples, max_tokens=self.max_tokens,
+                                    check_embeddings=self.check_embeddings)
+        trainer.embedding_check = self.embedding_check
+        return trainer
+
     def verify_backend(self) -> EmbeddingCheckResult:
         """The embedding check against the backend, once; BackendError when it reads our embeddings otherwise."""
         if self.embedding_check is None:

@@ -118,17 +118,14 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
             reference = {kind: (sum(hits), len(hits)) for kind, hits in trainer.answers_by_kind(twins).items()}
             log("counterfactual twins answered uncorrupted (the reference): " + ", ".join(
                 f"{kind} {s}/{n} = {s / n:.3f}" for kind, (s, n) in reference.items()))
-            specs = [spec] if not job.candidates else [
-                _candidate_spec(spec, method, candidate_dims or embeddings.hidden_size, job.initial,
-                                embeddings.hidden_size) for method, candidate_dims in job.candidates]
+            searchers = [trainer] if not job.candidates else [
+                trainer.with_spec(_candidate_spec(spec, method, candidate_dims or embeddings.hidden_size, job.initial,
+                                                  embeddings.hidden_size)) for method, candidate_dims in job.candidates]
             results = []
-            for candidate in specs:
-                if len(specs) > 1:
-                    log(f"candidate {candidate.method} on {candidate.dims} dimensions, "
-                        f"sigma from {candidate.sigma:.3f}")
-                searcher = trainer if candidate is spec else CorruptionTrainer(
-                    backend, tokenizer, embeddings, candidate, entities=entities, samples=job.samples,
-                    max_tokens=job.max_tokens, check_embeddings=not job.skip_embedding_check)
+            for searcher in searchers:
+                if job.candidates:
+                    log(f"candidate {searcher.spec.method} on {searcher.spec.dims} dimensions, "
+                        f"sigma from {searcher.spec.sigma:.3f}")
                 search = SPSASearch(lr=job.lr, mu=job.mu, max_steps=job.steps, bisections=job.bisections,
                                     seed=job.seed)
                 results.append(searcher.search(data, reference, job.learn, search, fluency_bound=job.fluency_bound,
