@@ -4,7 +4,7 @@ to bottom:
 
 authenticate → read (size-capped) → parse into the typed request → check the model → build the
 prompt(s) as the model will see them → check them against the context length → [speculative
-dispatch: send the parsed request now, hold vLLM's answer] → the guard's plan (classify with a
+dispatch: send the parsed request now, hold vLLM's answer, wait until vLLM has taken it in] → the guard's plan (classify with a
 deadline, audit, corrupt when flagged) → Forward: vLLM's answer to the parsed request as is (the held
 one, released) | SendCorrupted: abort the held one, send `prompt_embeds` to /v1/completions and adapt
 the answer to the shape asked for. Nothing of a held answer reaches a client whose prompt was flagged:
@@ -40,6 +40,8 @@ from vllm_client import BackendUnavailable, UpstreamResponse, sse
 
 MAX_JSON_DEPTH = 64  # deeper bodies are refused before anything recurses over them
 COMPLETIONS_PATH = "/v1/completions"  # where every flagged request goes, as prompt_embeds
+INLINE_PROMPT_BYTES = 2048  # bodies up to this size build their prompts on the event loop (under half a millisecond)
+ACCEPT_BEFORE_CLASSIFY_SECONDS = 0.02  # the longest the classifier waits for vLLM to take a speculative request
 
 
 class RequestRefused(Exception):
@@ -88,7 +90,9 @@ class Serving:
                 raise RequestRefused(404, f"The model `{parsed.model}` does not exist.", "unknown_model", "model")
             await self.check_supported(parsed)  # before the gate: a refusal must not depend on the verdict
             # The prompt(s) as the model will see them, refused before any classifying if they cannot fit.
-            prompts = await run_in_threadpool(self.prompts, parsed)
+            # A short body is rendered and tokenized here: a thread hop costs more than that work.
+            prompts = self.prompts(parsed) if len(raw) <= INLINE_PROMPT_BYTES \
+                else await run_in_threadpool(self.prompts, parsed)
             context = await check_context(state, prompts)
             if policy.dispatch == "speculative":  # validated: vLLM starts now, its answer held until the verdict,
                 if state.guard.surely_flagged(policy, prompts):  # unless that answer would surely be dropped
@@ -97,6 +101,10 @@ class Serving:
                     speculation = Speculation(state.upstream, self.path,
                                               parsed.upstream_fields(include_classified=True),
                                               HoldLimits(policy.hold_max_bytes, policy.hold_max_tokens))
+                    # The classifier waits until vLLM has taken the request in: started at once, it takes the
+                    # CPU (and the GIL) that sending and vLLM's own preparing need first, and the verdict
+                    # still has the whole prefill to come.
+                    await speculation.accepted(ACCEPT_BEFORE_CLASSIFY_SECONDS)
             plan = await state.guard.plan(policy, self.endpoint, prompts, state.classify_timeout,
                                           lambda: self.flagged_request(parsed, prompts, context))
         except RequestRefused as exc:

@@ -9,6 +9,9 @@ stays a whole body), then reads vLLM's answer into a buffer, and nothing more, u
   request whose client closed the connection (streaming or not). Nothing held is ever looked at
   again except to count what was wasted.
 
+`accepted()` tells when vLLM has taken the request in (a stream's headers, a whole body's request written):
+the caller starts its classifier then, so that its CPU does not delay the request's way into vLLM.
+
 The buffer is bounded (`HoldLimits`): past its bytes or its stream events the reader stops reading
 and the answer waits in vLLM's socket until the verdict. It never releases anything on its own.
 
@@ -54,7 +57,18 @@ class Speculation:
         self._tail = b""
         self._pending: asyncio.Future[None] | None = None
         self._closed = False
+        self._accepted = asyncio.Event()
         self._reader = asyncio.create_task(self._read(upstream, path, body))
+        self._reader.add_done_callback(lambda _: self._accepted.set())  # failed or cancelled: nothing to wait for
+
+    async def accepted(self, timeout: float) -> None:
+        """Returns once vLLM has taken the request in (or it failed), or after `timeout` seconds. A stream is
+        taken in when its headers come: vLLM sends them once it has tokenized the prompt and queued it for
+        its engine. A whole body's headers come with the answer, so that request counts once it is sent."""
+        try:
+            await asyncio.wait_for(self._accepted.wait(), timeout)
+        except TimeoutError:
+            pass
 
     # --- the reader, before the verdict -----------------------------------------------------
 
@@ -73,11 +87,13 @@ class Speculation:
 
     async def _open(self, upstream: AsyncVllmClient, path: str, body: dict[str, Any]) -> None:
         try:
-            response = await upstream.open("POST", path, body)
+            response = await upstream.open("POST", path, body,
+                                           on_sent=None if body.get("stream") else self._accepted.set)
         except BackendUnavailable as exc:
             self._error = exc
             return
         self.response, self._stream = response, response.is_stream
+        self._accepted.set()
         self._chunks = response.raw()
 
     async def _next(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +41,7 @@ class Call:
     sent: list[bytes] = field(default_factory=list)  # the body chunks the proxy has read so far
     finished: bool = False  # the whole answer was read
     aborted: bool = False  # the proxy closed the connection first (vLLM would abort the request)
+    taken_in_at: float | None = None  # perf_counter when the stub took the request in (see `accept_delay`)
 
     @property
     def raw(self) -> bool:
@@ -52,12 +54,14 @@ class RecordingUpstream(httpx.AsyncBaseTransport):
     streams for real: a stream's events come one by one, and closing the response early is seen (as
     vLLM sees a closed connection). Knobs, for the answers to raw (not prompt_embeds) requests:
     `first_delay` seconds before the first output (a non-streaming answer's headers come then, as
-    vLLM's do), `event_delay` between stream events, `extra_events` more token events, `raw_status` an
+    vLLM's do), `accept_delay` seconds before it takes a request in (a stream's headers come then, and a
+    whole-body request is reported written then, as httpcore reports it), `event_delay` between stream events, `extra_events` more token events, `raw_status` an
     error status instead, `raw_unreachable` a connection failure instead."""
 
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     first_delay: float = 0.0
+    accept_delay: float = 0.0
     event_delay: float = 0.0
     extra_events: int = 0
     raw_status: int | None = None
@@ -76,6 +80,10 @@ class RecordingUpstream(httpx.AsyncBaseTransport):
         self.received.append((path, body))
         call = Call(path, body)
         self.calls.append(call)
+        await asyncio.sleep(self.accept_delay)
+        call.taken_in_at = time.perf_counter()
+        if (trace := request.extensions.get("trace")) is not None:  # as httpcore reports a request written
+            await trace("http11.send_request_body.complete", {"request": request})
         raw = call.raw
         if raw and self.raw_unreachable:
             raise httpx.ConnectError("stub: unreachable")

@@ -10,6 +10,7 @@ import io
 import json
 import time
 
+import httpx
 import pytest
 import torch
 from inprocess import FLAGGED, PLAIN, STUB_MODEL, KeywordGate, RecordingUpstream, build_app
@@ -248,6 +249,76 @@ def test_verdict_before_the_first_token(model_dir):
     assert response.content == b"".join(call.sent)
     assert _sample(client, "eco_speculative_requests_total", {"first": "verdict"}) == 1
     assert _sample(client, "eco_hold_seconds_sum", {"path": "unflagged"}) == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_gate_starts_once_vllm_has_taken_the_request_in(model_dir, stream, monkeypatch):
+    """The classifier's CPU goes to sending the request and to vLLM's own preparing first: it starts once
+    a stream's headers have come, or a whole-body request has been written."""
+    monkeypatch.setattr("proxy.serving.ACCEPT_BEFORE_CLASSIFY_SECONDS", 5.0)
+    upstream = RecordingUpstream(accept_delay=0.1)
+    gate_ran_at = []
+    client = _client(model_dir, upstream, gate=SlowGate(0.0, at_verdict=lambda: gate_ran_at.append(time.perf_counter())))
+    response = client.post("/v1/completions", json=_body("completions", PLAIN, stream))
+    assert response.status_code == 200
+    [call] = upstream.calls
+    assert call.taken_in_at is not None and gate_ran_at[0] > call.taken_in_at
+
+
+def test_the_client_reports_a_request_written_before_any_answer():
+    """Over a real socket (httpcore's trace, which the in-process stub only imitates): `on_sent` is called
+    once the whole body is written, while the server has not answered yet."""
+    from vllm_client import AsyncVllmClient
+
+    async def scenario() -> tuple[bool, int]:
+        answer = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            await answer.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = AsyncVllmClient(f"http://127.0.0.1:{port}")
+        sent = asyncio.Event()
+        opening = asyncio.create_task(client.open("POST", "/v1/completions", {"prompt": "x" * 100_000},
+                                                  on_sent=sent.set))
+        await asyncio.wait_for(sent.wait(), 5)
+        unanswered = not opening.done()
+        answer.set()
+        response = await opening
+        await response.read()
+        await client.aclose()
+        server.close()
+        return unanswered, response.status_code
+
+    assert asyncio.run(scenario()) == (True, 200)
+
+
+def test_a_backend_that_does_not_take_the_request_in_delays_the_gate_a_bounded_time(model_dir):
+    from proxy.speculative import HoldLimits, Speculation
+    from vllm_client import AsyncVllmClient
+
+    class Silent(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            await asyncio.sleep(60)
+            raise AssertionError("never answers")
+
+    async def scenario() -> float:
+        speculation = Speculation(AsyncVllmClient("http://upstream", transport=Silent()), "/v1/completions",
+                                  {"prompt": "x", "stream": True}, HoldLimits(1024, 8))
+        began = time.perf_counter()
+        await speculation.accepted(0.05)
+        waited = time.perf_counter() - began
+        await speculation.abort()
+        return waited
+
+    assert 0.04 < asyncio.run(scenario()) < 1.0
 
 
 # --- the hold is bounded ------------------------------------------------------------------------

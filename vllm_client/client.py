@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -116,9 +116,11 @@ class AsyncVllmClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def open(self, method: str, path: str, body: Body | None = None) -> UpstreamResponse:
+    async def open(self, method: str, path: str, body: Body | None = None,
+                   on_sent: Callable[[], None] | None = None) -> UpstreamResponse:
         """Send a request; the response comes with its body not yet read. A JSON body may come as a
-        dict, as encoded bytes, or as encoded parts sent one after another (`embeds.request_body_with_embeds`)."""
+        dict, as encoded bytes, or as encoded parts sent one after another (`embeds.request_body_with_embeds`).
+        `on_sent` is called once the whole request is written to the backend's socket (before its answer)."""
         headers = {"content-type": "application/json"} if body is not None else {}
         content: bytes | AsyncIterator[bytes] | None = None
         if isinstance(body, dict):
@@ -128,7 +130,8 @@ class AsyncVllmClient:
         elif isinstance(body, list):
             headers["content-length"] = str(sum(len(part) for part in body))
             content = _parts(body)
-        request = self._client.build_request(method, path, content=content, headers=headers)
+        extensions = {"trace": _calling_when_sent(on_sent)} if on_sent is not None else None
+        request = self._client.build_request(method, path, content=content, headers=headers, extensions=extensions)
         try:
             return UpstreamResponse(await self._client.send(request, stream=True))
         except httpx.TransportError as exc:
@@ -197,6 +200,16 @@ class AsyncVllmClient:
         except BackendUnavailable:
             return False
         return response.status_code == 200
+
+
+def _calling_when_sent(on_sent: Callable[[], None]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """An httpcore trace hook that calls `on_sent` when the request's body has been written."""
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event == "http11.send_request_body.complete":
+            on_sent()
+
+    return trace
 
 
 async def _parts(parts: list[bytes]) -> AsyncIterator[bytes]:
