@@ -74,6 +74,9 @@ def register(groups: argparse._SubParsersAction) -> None:
                              "gaussian_top_k:64 gaussian_first_n:1; no DIMS: every dimension), one search each, "
                              "from the same noise energy per token; keeps the one that meets the goal with the "
                              "fewest degenerate continuations, and lists them all in the result")
+    search.add_argument("--fluency-check-prompts", type=Path, metavar="FILE",
+                        help="prompts (JSONL, field prompt) the candidates' fluency check continues instead of "
+                             "the probes: longer passages dense with the target's names show what noise costs")
     train.add_argument("--samples", type=int, default=2, help="noise draws per probe")
     train.add_argument("--max-tokens", type=int, default=8, help="tokens generated per probe")
     train.add_argument("--embedding-scale", type=float, help="input-embedding scale for an unknown architecture")
@@ -115,7 +118,8 @@ def _train(args: argparse.Namespace) -> int:
         corrupt_special_tokens=args.corrupt_special_tokens, initial=args.initial, steps=args.steps, lr=args.lr,
         mu=args.mu, tolerance=args.tolerance, learn=tuple(args.learn), fluency_bound=args.fluency_bound,
         fluency_probes=args.fluency_probes, fluency_tokens=args.fluency_tokens, bisections=args.bisections,
-        spread_keys=args.spread_keys, candidates=tuple(args.candidates), samples=args.samples,
+        spread_keys=args.spread_keys, candidates=tuple(args.candidates),
+        fluency_check_prompts=args.fluency_check_prompts, samples=args.samples,
         max_tokens=args.max_tokens, embedding_scale=args.embedding_scale,
         skip_embedding_check=args.skip_embedding_check, seed=args.seed)
     try:

@@ -47,6 +47,9 @@ class CorruptionTraining:
     # (method, dims) pairs the two-sided search tries instead of `method`/`dims`, one search each (dims None:
     # the hidden size), each starting from the same noise energy per token; `choose_candidate` keeps one
     candidates: tuple[tuple[str, int | None], ...] = ()
+    # prompts (JSONL, field `prompt`) the candidates' fluency check continues instead of the probes: longer
+    # passages dense with the target's names show a cost of noise that short probes hide
+    fluency_check_prompts: Path | None = None
     steps: int = 12
     lr: float = 0.5
     mu: float = 0.3
@@ -91,6 +94,10 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     if strengthless := [method for method, _ in job.candidates if method not in GAUSSIAN]:
         raise ValueError(f"--candidates: {strengthless[0]} has no noise strength to learn; "
                          f"use one of {', '.join(GAUSSIAN)}")
+    if job.fluency_check_prompts and len(job.candidates) < 2:
+        raise ValueError("--fluency-check-prompts needs two --candidates or more (the check chooses between them)")
+    check_prompts = read_prompts(job.fluency_check_prompts) if job.fluency_check_prompts \
+        else [p.prompt for p in data]
     control = read_probes(job.control) if job.control else None
     entities = read_entity_terms(job.entities) if job.entities else []
     embeddings = EmbeddingTable.from_model_dir(job.model_dir, scale=job.embedding_scale)
@@ -133,7 +140,7 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
                                                spread_keys=job.spread_keys, log=log))
             result = results[0]
             if len(results) > 1:
-                _check_fluency(trainer, [p.prompt for p in data], results, job.fluency_tokens, log)
+                _check_fluency(trainer, check_prompts, results, job.fluency_tokens, log)
                 result = results[choose_candidate(results)]
                 result["candidates"] = [_candidate_summary(r) for r in results]
                 log(f"chosen: {result['spec']['method']} on {result['spec']['dims']} dimensions")
@@ -166,10 +173,28 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
 FLUENCY_CHECK_KEYS = 2
 
 
+def read_prompts(path: Path) -> list[str]:
+    """The `prompt` of every line of a JSONL file; ValueError naming the file and line otherwise."""
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prompt = json.loads(line).get("prompt")
+        except (ValueError, AttributeError):
+            prompt = None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{number}: each line must be a JSON object with a non-empty \"prompt\"")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
 def _check_fluency(trainer: Any, prompts: Sequence[str], results: Sequence[dict[str, Any]], tokens: int,
                    log: Any) -> None:
-    """Adds to each searched candidate its degenerate rate on every probe under keys of their own (and the
-    uncorrupted model's on the same prompts): the search judges fluency on a few probes a key, and one key's 32
+    """Adds to each searched candidate its degenerate rate on `prompts` (every probe, or the passages given)
+    under keys of their own (and the uncorrupted model's on the same prompts): the search judges fluency on a few probes a key, and one key's 32
     continuations put one corruption anywhere from 0.06 to 0.31 degenerate, too noisy to choose by."""
     keys = [f"fluency-check-{i}".encode() for i in range(FLUENCY_CHECK_KEYS)]
     uncorrupted = trainer.degenerate_share(prompts, None, tokens, keys[:1])

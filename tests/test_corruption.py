@@ -360,3 +360,28 @@ def test_candidates_need_counterfactual_twins(tmp_path):
                              candidates=(("gaussian_top_k", 64),))
     with pytest.raises(ValueError, match="--candidates needs --counterfactual"):
         train_corruption(job)
+
+
+def test_a_fluency_check_set_needs_candidates_to_choose_between(tmp_path):
+    from corruption.training import CorruptionTraining, train_corruption
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "Harry's owl is", "answers": ["Hedwig"]}) + "\n")
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text(json.dumps({"prompt": "Ron and Hermione walked to the"}) + "\n")
+    job = CorruptionTraining("http://127.0.0.1:9", tmp_path, tmp_path / "out.json", probes=probes,
+                             fluency_check_prompts=passages)
+    with pytest.raises(ValueError, match="--fluency-check-prompts needs two --candidates"):
+        train_corruption(job)
+
+
+@pytest.mark.parametrize("line", ['{"text": "no prompt field"}', '["a list"]', '{"prompt": "  "}', "not json"])
+def test_fluency_check_prompts_name_the_line_that_holds_no_prompt(tmp_path, line):
+    from corruption.training import read_prompts
+
+    path = tmp_path / "passages.jsonl"
+    path.write_text(json.dumps({"prompt": "Neville found Trevor under the"}) + "\n\n" + line + "\n")
+    with pytest.raises(ValueError, match=r"passages.jsonl:3: .*non-empty \"prompt\""):
+        read_prompts(path)
+    path.write_text(json.dumps({"prompt": "Neville found Trevor under the"}) + "\n")
+    assert read_prompts(path) == ["Neville found Trevor under the"]

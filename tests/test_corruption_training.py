@@ -120,25 +120,29 @@ def test_two_sided_search_runs_through_the_backend(backend):
 
 def test_the_trainer_chooses_where_the_noise_goes_among_candidates(backend, tmp_path):
     """Two candidates, one search each through the live vLLM (sigma from 2.0 on all 640 dimensions, from the same
-    noise energy on 64), then a fluency check of each on every probe: the result is one of them, and lists both.
-    Without candidates, the search runs once on the method and dimensions given."""
+    noise energy on 64), then a fluency check of each on the passages given: the result is one of them, and lists
+    both. Without candidates, the search runs once on the method and dimensions given."""
     probes, twins = tmp_path / "probes.jsonl", tmp_path / "twins.jsonl"
     probes.write_text("".join(json.dumps({"prompt": p.prompt, "answers": list(p.answers), "kind": "named"}) + "\n"
                               for p in PROBES))
     twins.write_text("".join(json.dumps({"prompt": f"Tobin Fenwright's friend number {i} is", "answers": ["Odelia"],
                                          "kind": "named", "twin_of": p.prompt}) + "\n" for i, p in enumerate(PROBES)))
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in (
+        "Harry and Ron followed Hagrid past the Whomping Willow toward the",
+        "In the Gryffindor common room Hermione showed Neville and Ginny the")))
     out = tmp_path / "corruption.json"
     code = main(["corruption", "train", "--backend-url", backend.url, "--model-dir", str(backend.model_dir),
                  "--probes", str(probes), "--counterfactual", str(twins), "--out", str(out), "--initial", "2.0",
                  "--steps", "1", "--bisections", "1", "--spread-keys", "1", "--fluency-probes", "2",
                  "--fluency-tokens", "8", "--fluency-bound", "1.0", "--samples", "1",
-                 "--candidates", "gaussian_first_n", "gaussian_top_k:64"])
+                 "--candidates", "gaussian_first_n", "gaussian_top_k:64", "--fluency-check-prompts", str(passages)])
     assert code == 0
     result = json.loads(out.read_text())
     searched = [(c["method"], c["dims"]) for c in result["candidates"]]
     assert searched == [("gaussian_first_n", 640), ("gaussian_top_k", 64)]
     checks = [c["fluency_check"] for c in result["candidates"]]
-    assert all(c["prompts"] == len(PROBES) and 0 <= c["degenerate_rate"] <= 1 for c in checks)
+    assert all(c["prompts"] == 2 and 0 <= c["degenerate_rate"] <= 1 for c in checks)
     chosen = (result["spec"]["method"], result["spec"]["dims"])
     assert chosen in searched
     assert CorruptionSpec.from_result_file(out).method == chosen[0]
