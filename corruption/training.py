@@ -193,9 +193,10 @@ def read_prompts(path: Path) -> list[str]:
 
 def _check_fluency(trainer: Any, prompts: Sequence[str], results: Sequence[dict[str, Any]], tokens: int,
                    log: Any) -> None:
-    """Adds to each searched candidate its degenerate rate on `prompts` (every probe, or the passages given)
-    under keys of their own (and the uncorrupted model's on the same prompts): the search judges fluency on a few probes a key, and one key's 32
-    continuations put one corruption anywhere from 0.06 to 0.31 degenerate, too noisy to choose by."""
+    """Adds to each searched candidate its degenerate rate on `prompts` (every probe, or the passages given) under keys
+    of their own (and the uncorrupted model's on the same prompts): the search judges fluency on a few probes a
+    key, and one key's 32 continuations put one corruption anywhere from 0.06 to 0.31 degenerate, too noisy to
+    choose by."""
     keys = [f"fluency-check-{i}".encode() for i in range(FLUENCY_CHECK_KEYS)]
     uncorrupted = trainer.degenerate_share(prompts, None, tokens, keys[:1])
     for result in results:

@@ -4,11 +4,12 @@ to bottom:
 
 authenticate → read (size-capped) → parse into the typed request → check the model → build the
 prompt(s) as the model will see them → check them against the context length → [speculative
-dispatch: send the parsed request now, hold vLLM's answer, wait until vLLM has taken it in] → the guard's plan (classify with a
-deadline, audit, corrupt when flagged) → Forward: vLLM's answer to the parsed request as is (the held
-one, released) | SendCorrupted: abort the held one, send `prompt_embeds` to /v1/completions and adapt
-the answer to the shape asked for. Nothing of a held answer reaches a client whose prompt was flagged:
-no byte, header, status, usage or error, and no timing (the answer begins after the verdict either way).
+dispatch: send the parsed request now, hold vLLM's answer, wait until vLLM has taken it in] → the
+guard's plan (classify with a deadline, audit, corrupt when flagged) → Forward: vLLM's answer to the
+parsed request as is (the held one, released) | SendCorrupted: abort the held one, send
+`prompt_embeds` to /v1/completions and adapt the answer to the shape asked for. Nothing of a held
+answer reaches a client whose prompt was flagged: no byte, header, status, usage or error, and no
+timing (the answer begins after the verdict either way).
 If the client leaves before its answer begins, the work is cancelled and every request to vLLM closed.
 
 What goes upstream is always built from the parsed request (`proxy.protocol.FIELD_RULES`), never from

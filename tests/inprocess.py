@@ -52,11 +52,12 @@ class Call:
 class RecordingUpstream(httpx.AsyncBaseTransport):
     """An httpx transport in vLLM's shapes that keeps each request it gets (path, parsed JSON body) and
     streams for real: a stream's events come one by one, and closing the response early is seen (as
-    vLLM sees a closed connection). Knobs, for the answers to raw (not prompt_embeds) requests:
-    `first_delay` seconds before the first output (a non-streaming answer's headers come then, as
-    vLLM's do), `accept_delay` seconds before it takes a request in (a stream's headers come then, and a
-    whole-body request is reported written then, as httpcore reports it), `event_delay` between stream events, `extra_events` more token events, `raw_status` an
-    error status instead, `raw_unreachable` a connection failure instead."""
+    vLLM sees a closed connection). `accept_delay`: seconds before it takes any request in (a stream's
+    headers come then, and a whole-body request is reported written then, as httpcore reports it).
+    Knobs, for the answers to raw (not prompt_embeds) requests: `first_delay` seconds before the first
+    output (a non-streaming answer's headers come then, as vLLM's do), `event_delay` between stream
+    events, `extra_events` more token events, `raw_status` an error status instead, `raw_unreachable`
+    a connection failure instead."""
 
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
