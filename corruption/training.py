@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-
 from corruption.spec import GAUSSIAN, CorruptionSpec
 
 

@@ -66,7 +66,8 @@ class Speculation:
         taken in when its headers come: vLLM sends them once it has tokenized the prompt and queued it for
         its engine. A whole body's headers come with the answer, so that request counts once it is sent."""
         try:
-            await asyncio.wait_for(self._accepted.wait(), timeout)
+            async with asyncio.timeout(timeout):  # no task of its own, unlike wait_for: this is every request's path
+                await self._accepted.wait()
         except TimeoutError:
             pass
 
