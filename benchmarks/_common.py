@@ -283,14 +283,25 @@ def passthrough_policy(workdir: Path) -> Path:
 
 
 def start_proxy(policy: Path, backend_url: str, model_dir: Path, model_name: str, workdir: Path,
-                code_dir: Path | None = None):
+                code_dir: Path | None = None, cpus: str | None = None):
     """`eco-proxy serve` as a subprocess (evaluation/testing.py); returns its handle with `.url` and `.stop()`.
-    `code_dir`: run the proxy's code from that checkout instead (e.g. a git worktree of an earlier commit)."""
+    `code_dir`: run the proxy's code from that checkout instead (e.g. a git worktree of an earlier commit).
+    `cpus`: the proxy's `--cpus`; a checkout that ignores it is refused, so that routes compare alike."""
     from evaluation.testing import start_proxy as start
 
-    extra_env = {"PYTHONPATH": str(code_dir)} if code_dir else None
-    return start(policy, backend_url, model_dir, model_name, workdir, admin_key="bench-admin-key",
-                 extra_env=extra_env, cwd=code_dir)
+    extra_env = {"PYTHONPATH": str(code_dir)} if code_dir else {}
+    if cpus:
+        extra_env["ECO_CPUS"] = cpus
+    proxy = start(policy, backend_url, model_dir, model_name, workdir, admin_key="bench-admin-key",
+                  extra_env=extra_env, cwd=code_dir)
+    if cpus:
+        from proxy.serve import ServeSettings
+
+        wanted = set(ServeSettings.model_validate({"cpus": cpus}).cpus or ())
+        if os.sched_getaffinity(proxy.process.pid) != wanted:
+            proxy.stop()
+            raise RuntimeError(f"the proxy from {code_dir or REPO_ROOT} did not keep to CPUs {cpus} (no --cpus there?)")
+    return proxy
 
 
 def scrape_metrics(proxy_url: str) -> str:

@@ -26,7 +26,8 @@ second, and the tokens vLLM processed per request (its own counters), speculativ
 worktree, with that commit's own demo policy and artifacts) as a third route, for a
 before/after comparison measured side by side; its results go to `latency_vs_REF.*`.
 
-    .venv/bin/python benchmarks/latency.py [--quick] [--backend-url URL] [--compare-ref REF] [--no-throughput] [--name NAME]
+    .venv/bin/python benchmarks/latency.py [--quick] [--backend-url URL] [--compare-ref REF] [--no-throughput]
+        [--proxy-cpus CPUS] [--name NAME]
 """
 from __future__ import annotations
 
@@ -394,6 +395,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (ignore_eos)")
     parser.add_argument("--compare-ref", help="also run the proxy as of this git commit, as route 'before'")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput cost of wasted prefills")
+    parser.add_argument("--proxy-cpus", help="every proxy's --cpus (e.g. 1: the core vLLM's CPU engine leaves free)")
     parser.add_argument("--name", help="result file name (default: latency, or latency_vs_REF with --compare-ref)")
     parser.add_argument("--phase-seconds", type=float, help="cap on each phase's time (default: 60 quick, 180 full)")
     parser.add_argument("--throughput-requests", type=int, help="requests per throughput run (default: 200 quick, "
@@ -415,7 +417,8 @@ def main() -> int:
         for route, code_dir in checkouts.items():
             # an earlier commit runs with its own demo policy and artifacts (their format may have changed since)
             own_policy = code_dir / policy.relative_to(REPO_ROOT) if code_dir else dispatch_policy(workdir, DISPATCH[route])
-            proxy = start_proxy(own_policy, args.backend_url, model_dir, model, workdir, code_dir=code_dir)
+            proxy = start_proxy(own_policy, args.backend_url, model_dir, model, workdir, code_dir=code_dir,
+                                cpus=args.proxy_cpus)
             stack.callback(proxy.stop)
             urls[route] = proxy.url
         routes = list(urls)
@@ -464,7 +467,7 @@ def main() -> int:
     payload = {**result_header(), "mode": mode, "backend_url": args.backend_url, "model": model,
                "policy": str(DEMO_POLICY.relative_to(REPO_ROOT)), "max_tokens": args.max_tokens, "endpoint": "/v1/chat/completions (stream)",
                "compare_ref": args.compare_ref, "goal": check, "ttft_goal": ttft, "phases": rows,
-               "throughput": throughput, "cpus": sorted(os.sched_getaffinity(0))}
+               "throughput": throughput, "cpus": sorted(os.sched_getaffinity(0)), "proxy_cpus": args.proxy_cpus}
     # the plain run stays the headline unless named otherwise
     name = args.name or (f"latency_vs_{args.compare_ref}" if args.compare_ref else "latency")
     print(f"\nsaved {save_json(name, payload)}", flush=True)  # the figures first: a plot may fail on odd data

@@ -77,15 +77,10 @@ def create_app(state: ProxyState, lifespan: Any = None) -> FastAPI:
         return JSONResponse({"object": "list", "data": [
             {**card, "root": card["id"]} for card in cards if card.get("id") == state.served_model_name]})
 
-    completions, chat = CompletionServing(state), ChatServing(state)
-
-    @app.post(completions.path)
-    async def completion_route(request: Request) -> Response:
-        return await completions.handle(request)
-
-    @app.post(chat.path)
-    async def chat_route(request: Request) -> Response:
-        return await chat.handle(request)
+    # Plain Starlette routes: `handle` takes the request as it is, so FastAPI's per-request dependency
+    # solving would be spent on nothing, on the path whose every fraction of a millisecond counts.
+    for serving in (CompletionServing(state), ChatServing(state)):
+        app.add_route(serving.path, serving.handle, methods=["POST"])
 
     @app.post("/admin/reload")
     async def admin_reload(request: Request) -> JSONResponse:

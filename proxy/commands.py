@@ -32,6 +32,8 @@ _HELP = {
                             "(unsafe; logged loudly)",
     "classifier_cache_size": "prompt texts whose encoding the classifier keeps (0: none)",
     "torch_threads": "CPU threads for the classifier and the corruption (default 1)",
+    "cpus": "CPUs to run on, as taskset -c names them (e.g. 1 or 2-3); on a CPU host, those vLLM's engine "
+            "leaves free",
     "max_model_len": "context length of the vLLM the proxy starts",
     "vllm_args": "extra arguments for the vLLM the proxy starts, as one string",
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import uvicorn
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoTokenizer
 
 from classifier.batching import GIL_SWITCH_INTERVAL
@@ -65,8 +65,40 @@ class ServeSettings(BaseModel):
     # CPU threads for the classifier and the corruption math. One suits a proxy that shares its cores with vLLM
     # (vLLM's CPU build keeps its cores busy between steps, which stalls a multi-threaded pass) or a small pod.
     torch_threads: int = Field(default=1, ge=1)
+    # The CPUs the proxy runs on ("1", "2-3,6"), as `taskset -c` names them; unset: wherever the OS puts it.
+    # On a CPU host, the cores vLLM's engine leaves free (its log calls them reserved_cpus): on the engine's
+    # cores the classifier would slow the very prefill it runs beside.
+    cpus: list[int] | None = None
     max_model_len: int = 2048  # for the vLLM the proxy starts
     vllm_args: str = ""  # extra arguments for the vLLM the proxy starts
+
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpu_list(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        cpus: list[int] = []
+        for part in value.split(","):
+            first, dash, last = part.strip().partition("-")
+            if not (first.isdigit() and (not dash or last.isdigit())):
+                raise ValueError(f"{value!r} is not a CPU list such as 1 or 2-3,6")
+            cpus += range(int(first), int(last if dash else first) + 1)
+        return cpus
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus_available(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("names no CPU")
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError("CPU affinity cannot be set on this platform")
+        available = os.sched_getaffinity(0)
+        if missing := sorted(set(value) - available):
+            raise ValueError(f"CPU {', '.join(map(str, missing))} is not available to this process "
+                             f"(available: {', '.join(map(str, sorted(available)))})")
+        return sorted(set(value))
 
 
 ENV_PREFIX = "ECO_"
@@ -103,6 +135,8 @@ def run(settings: ServeSettings) -> int:
             backend_url = vllm.url
             log.info("starting vLLM at %s (log: %s); the first start compiles for about 2 minutes",
                      backend_url, vllm.log_path)
+        if settings.cpus is not None:  # after vLLM is started, which must not inherit it
+            _run_on(settings.cpus)
         state = _build_state(settings, model_dir, backend_url)
         if vllm is not None:
             vllm.wait_ready()
@@ -121,6 +155,13 @@ def run(settings: ServeSettings) -> int:
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _run_on(cpus: list[int]) -> None:
+    """Every thread of the process, and so every thread it starts later, on these CPUs only."""
+    for thread in os.listdir("/proc/self/task"):  # the affinity call itself moves one thread
+        os.sched_setaffinity(int(thread), cpus)
+    log.info("running on CPU %s", ",".join(map(str, cpus)))
 
 
 def _build_state(settings: ServeSettings, model_dir: Path, backend_url: str) -> ProxyState:

@@ -40,3 +40,37 @@ def test_client_keys_from_a_file_and_an_empty_file_refused(tmp_path):
     keys.write_text("# no key yet\n\n")
     with pytest.raises(PolicyError, match="holds no key"):
         _client_keys(settings)
+
+
+def test_cpus_read_as_taskset_names_them_and_refused_when_unavailable(monkeypatch, capsys):
+    from proxy.commands import _serve
+
+    parser = build_parser()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 6})
+    assert serve_settings(parser.parse_args(["serve", "--cpus", "2-3,6,3"])).cpus == [2, 3, 6]
+    monkeypatch.setenv("ECO_CPUS", "1")
+    assert serve_settings(parser.parse_args(["serve"])).cpus == [1]
+    assert _serve(parser.parse_args(["serve", "--cpus", "5"])) == 2
+    assert "eco-proxy serve: --cpus / ECO_CPUS: CPU 5 is not available to this process (available: 0, 1, 2, 3, 6)" \
+        in capsys.readouterr().err
+    assert _serve(parser.parse_args(["serve", "--cpus", "one"])) == 2
+    assert "is not a CPU list such as 1 or 2-3,6" in capsys.readouterr().err
+
+
+def test_the_proxy_moves_every_thread_of_its_own_to_the_cpus_given():
+    """In a child process (the affinity is the whole process's): a thread started before the call moves too."""
+    import subprocess
+    import sys
+
+    script = """
+import os, threading
+from proxy.serve import _run_on
+event = threading.Event()
+threading.Thread(target=event.wait, daemon=True).start()
+first = min(os.sched_getaffinity(0))
+_run_on([first])
+print(sorted({frozenset(os.sched_getaffinity(int(t))) == {first} for t in os.listdir('/proc/self/task')}))
+event.set()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[True]"
