@@ -22,6 +22,10 @@ Then the throughput cost of the wasted prefills: the same closed-loop load (conc
 prompts, a flagged share of 1% and 10%) through each proxy in turn, not interleaved: requests per
 second, and the tokens vLLM processed per request (its own counters), speculative against sequential.
 
+`--proxy-cpus CPUS` starts the proxies with `eco-proxy serve --cpus CPUS` (taskset syntax): on a
+CPU host, the cores vLLM's engine leaves free, so the proxy is not moved onto the engine's core.
+It is saved as "proxy_cpus" in the JSON.
+
 `--compare-ref REF` also starts the proxy as it was at git commit REF (from a temporary
 worktree, with that commit's own demo policy and artifacts) as a third route, for a
 before/after comparison measured side by side; its results go to `latency_vs_REF.*`.
