@@ -33,6 +33,10 @@ _INFLECTIONS = ("s", "es", "ed", "ing", "ly")  # an ordinary word with one of th
 TYPO_MIN_LENGTH = 8  # shorter words are one typo away from too many ordinary ones
 TYPO_MIN_LENGTH_IN_PHRASE = 5  # the rest of the phrase, spelled right, already narrows it down
 ANCHORS_PER_PHRASE = 2  # one word of a phrase may be mistyped: another one still finds it
+# Typos count in a text of at most this many words: each word of a longer one is one more chance to fall
+# one letter from a long term by accident ("Gunnings", Latin "obscurum"), and misspelling a name is the
+# disguise of a short prompt; in a long text the encoder reads the misspelt sentence.
+TYPO_MAX_WORDS = 200
 
 
 _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
@@ -67,11 +71,13 @@ def term_words(term: str) -> tuple[str, ...]:
 
 def readings(text: str) -> list[tuple[str, bool]]:
     """What the vocabulary is matched against, each with whether a typo counts there: the normalised
-    readings, then ROT13 and reversed (exact terms only: a disguise and a typo at once are rare, and
-    in those readings every long word of an ordinary text would be tried as a typo)."""
+    readings of a text of up to TYPO_MAX_WORDS words, then ROT13 and reversed (exact terms only: a
+    disguise and a typo at once are rare, and in those readings every long word of an ordinary text
+    would be tried as a typo)."""
     normal = variants(text)
-    return [(reading, True) for reading in normal] + [(codecs.encode(normal[0], "rot13"), False),
-                                                      (normal[0][::-1], False)]
+    short = len(_WORD.findall(normal[0])) <= TYPO_MAX_WORDS
+    return [(reading, short) for reading in normal] + [(codecs.encode(normal[0], "rot13"), False),
+                                                       (normal[0][::-1], False)]
 
 
 class TermMatcher:

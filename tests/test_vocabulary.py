@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from classifier.vocabulary import TermMatcher
+from classifier.vocabulary import TYPO_MAX_WORDS, TermMatcher
 
 pytestmark = pytest.mark.unit
 
@@ -82,6 +82,15 @@ def test_a_phrase_with_one_typo_is_found_however_many_terms_share_its_words():
     assert matcher.find("why is sirus black in prison") == "Sirius Black"
     assert matcher.find("harry poter and the goblet of fire") == "Harry Potter and the Goblet of Fire"
     assert matcher.find("the black lake") == "Black Lake" and matcher.find("a black cat") is None
+
+
+def test_a_long_text_names_a_term_only_as_written():
+    matcher = TermMatcher(["Grunnings", "Obscurus"]).fit([])
+    filler = "the weather was mild and the river ran slow " * (TYPO_MAX_WORDS // 9 + 1)
+    assert matcher.find(f"{filler} Mr Gunnings kept the shop.") is None  # a surname one letter from a term
+    assert matcher.find(f"{filler} they said obscurum in Latin.") is None
+    assert matcher.find(f"{filler} Mr Dursley worked at Grunnings.") == "Grunnings"  # as written, any length
+    assert matcher.find("Mr Gunnings kept the shop.") == "Grunnings"  # a short prompt's typo still counts
 
 
 def test_cyrillic_terms_are_found_in_any_case_ending_and_nothing_shorter_joins_them():
