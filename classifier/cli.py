@@ -79,8 +79,10 @@ def register(groups: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--artifact", type=Path, required=True)
     evaluate.add_argument("--gate-data", type=Path,
                           help="report per group on DIR/train's calibration part and DIR/test (as train does)")
-    evaluate.add_argument("--forget", type=Path, action="append", default=[])
-    evaluate.add_argument("--retain", type=Path, action="append", default=[])
+    evaluate.add_argument("--forget", type=Path, action="append", default=[],
+                          help="forget prompts (JSONL): recall; either side may be left out")
+    evaluate.add_argument("--retain", type=Path, action="append", default=[],
+                          help="retain prompts (JSONL): FPR, e.g. an outside set of innocent prompts")
     evaluate.add_argument("--attack", type=Path, action="append", default=[],
                           help="forget prompts that avoid the obvious words (all records used)")
     evaluate.add_argument("--split", choices=["test", "all"], default="test",
@@ -178,21 +180,23 @@ def _train_files(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.gate_data is not None:
         return _eval_gate(args)
-    if not (args.forget and args.retain):
-        print("eco-proxy classifier eval: give --gate-data DIR, or --forget and --retain files", file=sys.stderr)
+    if not (args.forget or args.retain):
+        print("eco-proxy classifier eval: give --gate-data DIR, or --forget and/or --retain files", file=sys.stderr)
         return 2
     return _eval_files(args)
 
 
 def _eval_files(args: argparse.Namespace) -> int:
+    from classifier import load_classifier
+    from classifier.report import evaluate_texts
     from classifier.training import percent as _percent, texts as _texts
 
     from stats.intervals import wilson_interval
-    from classifier.model import PromptClassifier
 
     try:
-        classifier = PromptClassifier.load(args.artifact)
-        report: dict[str, Any] = classifier.evaluate(_texts(args.forget, args.split), _texts(args.retain, args.split))
+        classifier = load_classifier(args.artifact)
+        report: dict[str, Any] = evaluate_texts(classifier, _texts(args.forget, args.split),
+                                                _texts(args.retain, args.split))
         if args.attack:
             attack = _texts(args.attack, "all")
             hits = int(classifier.predict(attack).sum())
@@ -204,8 +208,10 @@ def _eval_files(args: argparse.Namespace) -> int:
         return 2
     report["split"] = args.split
     print(f"threshold      {report['threshold']:.4f}  ({args.split} split)")
-    print(f"FPR            {_percent(report['fpr'], report['fpr_ci'])}   on {report['n_retain']} retain prompts")
-    print(f"recall         {_percent(report['recall'], report['recall_ci'])}   on {report['n_forget']} forget prompts")
+    if report["n_retain"]:
+        print(f"FPR            {_percent(report['fpr'], report['fpr_ci'])}   on {report['n_retain']} retain prompts")
+    if report["n_forget"]:
+        print(f"recall         {_percent(report['recall'], report['recall_ci'])}   on {report['n_forget']} forget prompts")
     if args.attack:
         print(f"attack recall  {_percent(report['attack_recall'], report['attack_recall_ci'])}   "
               f"on {report['attack_n']} attack prompts")

@@ -25,7 +25,6 @@ import numpy as np
 
 from classifier.artifact import META_FILE, read_artifact_meta
 from classifier.encoder import DEFAULT_ENCODER, Encoder
-from stats.intervals import wilson_interval
 
 ARTIFACT_FORMAT = 2  # 2: the head has n-gram weights
 HEAD_FILE = "head.safetensors"
@@ -169,27 +168,6 @@ class PromptClassifier:
         self.alpha_ = float(alpha)
         self.metrics_["calibration_n"] = n
         return self
-
-    def evaluate(self, forget_texts: Sequence[str], retain_texts: Sequence[str]) -> dict[str, Any]:
-        """FPR on retain and recall on forget at the threshold, with Wilson 95% intervals, and AUC."""
-        from sklearn.metrics import roc_auc_score
-
-        if getattr(self, "threshold_", None) is None:
-            raise ValueError("no threshold: calibrate the classifier first")
-        forget, retain = self.score(forget_texts), self.score(retain_texts)
-        false_positives, true_positives = int((retain > self.threshold_).sum()), int((forget > self.threshold_).sum())
-        report: dict[str, Any] = {
-            "threshold": self.threshold_,
-            "n_forget": len(forget), "n_retain": len(retain),
-            "fpr": false_positives / len(retain) if len(retain) else None,
-            "fpr_ci": list(wilson_interval(false_positives, len(retain))) if len(retain) else None,
-            "recall": true_positives / len(forget) if len(forget) else None,
-            "recall_ci": list(wilson_interval(true_positives, len(forget))) if len(forget) else None,
-        }
-        if len(forget) and len(retain):
-            labels = np.r_[np.ones(len(forget)), np.zeros(len(retain))]
-            report["auc"] = float(roc_auc_score(labels, np.r_[forget, retain]))
-        return report
 
     # -- artifact -----------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

@@ -30,6 +30,29 @@ def score_records(classifier: GateClassifier, records: Sequence[GateRecord], pro
     return scores
 
 
+def evaluate_texts(classifier: GateClassifier, forget_texts: Sequence[str],
+                   retain_texts: Sequence[str]) -> dict[str, Any]:
+    """FPR on the retain texts and recall on the forget texts at the classifier's threshold, with Wilson
+    95% intervals (None for a side given no texts), and the AUC when both sides have texts."""
+    from sklearn.metrics import roc_auc_score
+
+    if classifier.threshold_ is None:
+        raise ValueError("no threshold: calibrate the classifier first")
+    forget = classifier.score(forget_texts) if len(forget_texts) else np.zeros(0)
+    retain = classifier.score(retain_texts) if len(retain_texts) else np.zeros(0)
+    flagged_retain = rate_with_interval(int((retain > classifier.threshold_).sum()), len(retain))
+    flagged_forget = rate_with_interval(int((forget > classifier.threshold_).sum()), len(forget))
+    report: dict[str, Any] = {
+        "threshold": classifier.threshold_, "n_forget": len(forget), "n_retain": len(retain),
+        "fpr": flagged_retain["rate"], "fpr_ci": flagged_retain["ci"],
+        "recall": flagged_forget["rate"], "recall_ci": flagged_forget["ci"],
+    }
+    if len(forget) and len(retain):
+        labels = np.r_[np.ones(len(forget)), np.zeros(len(retain))]
+        report["auc"] = float(roc_auc_score(labels, np.r_[forget, retain]))
+    return report
+
+
 def split_report(records: Sequence[GateRecord], scores: np.ndarray, threshold: float) -> dict[str, Any]:
     """Rates at `threshold` (a prompt is flagged when its score is above it), overall and by group."""
     from sklearn.metrics import roc_auc_score

@@ -219,6 +219,7 @@ def train_logistic_files(job: FileTraining, log: Any = print) -> dict[str, Any]:
     from classifier.data import entity_prompts, read_terms
     from classifier.entities import distinctive_terms
     from classifier.model import PromptClassifier
+    from classifier.report import evaluate_texts
 
     forget = {s: texts(job.forget, s) for s in ("train", "calibration", "test")}
     retain = {s: texts(job.retain, s) for s in ("train", "calibration", "test")}
@@ -235,7 +236,7 @@ def train_logistic_files(job: FileTraining, log: Any = print) -> dict[str, Any]:
     log(f"calibrating on {len(retain['calibration'])} held-out retain prompts (alpha {job.alpha}) ...")
     classifier.calibrate(retain["calibration"], job.alpha)
     log("scoring the test split ...")
-    report = classifier.evaluate(forget["test"], retain["test"])
+    report = evaluate_texts(classifier, forget["test"], retain["test"])
     classifier.metrics_["test"] = report
     classifier.entities_ = entities if entities is not None else distinctive_terms(
         forget["train"], retain["train"], top_k=job.entities_top_k)

@@ -69,14 +69,14 @@ def term_words(term: str) -> tuple[str, ...]:
     return tuple(_words(_fold(term)))
 
 
-def readings(text: str) -> list[tuple[str, bool]]:
+def readings(text: str, typos_at_any_length: bool = False) -> list[tuple[str, bool]]:
     """What the vocabulary is matched against, each with whether a typo counts there: the normalised
-    readings of a text of up to TYPO_MAX_WORDS words, then ROT13 and reversed (exact terms only: a
-    disguise and a typo at once are rare, and in those readings every long word of an ordinary text
-    would be tried as a typo)."""
+    readings of a text of up to TYPO_MAX_WORDS words (of any length with `typos_at_any_length`), then
+    ROT13 and reversed (exact terms only: a disguise and a typo at once are rare, and in those readings
+    every long word of an ordinary text would be tried as a typo)."""
     normal = variants(text)
-    short = len(_WORD.findall(normal[0])) <= TYPO_MAX_WORDS
-    return [(reading, short) for reading in normal] + [(codecs.encode(normal[0], "rot13"), False),
+    typos = typos_at_any_length or len(_WORD.findall(normal[0])) <= TYPO_MAX_WORDS
+    return [(reading, typos) for reading in normal] + [(codecs.encode(normal[0], "rot13"), False),
                                                        (normal[0][::-1], False)]
 
 
@@ -99,7 +99,8 @@ class TermMatcher:
         exact: dict[str, int] = {}
         typos: set[str] = set()
         for text in retain_texts:
-            for term, typo in set(self._found(text)):
+            # a retain word one typo from a term is evidence against typos of it in any text, long or short
+            for term, typo in set(self._found(text, typos_at_any_length=True)):
                 if typo:
                     typos.add(term)
                 else:
@@ -168,10 +169,10 @@ class TermMatcher:
         """The first term found in any reading of `text`, or None."""
         return next((term for term, _ in self._found(text)), None)
 
-    def _found(self, text: str) -> Iterable[tuple[str, bool]]:
+    def _found(self, text: str, typos_at_any_length: bool = False) -> Iterable[tuple[str, bool]]:
         """(term, whether it was found through a typo) for each term found, in reading order."""
         typos: dict[str, list[str]] = {}  # a long text repeats its words
-        for reading, typos_count in readings(text):
+        for reading, typos_count in readings(text, typos_at_any_length):
             folded = _fold(reading)
             for needle, term in self._unspaced:
                 if needle in folded:

@@ -17,6 +17,7 @@ from classifier.encoder import Encoder
 from classifier.entities import distinctive_terms
 from stats.intervals import wilson_interval
 from classifier.model import HEAD_FILE, PromptClassifier
+from classifier.report import evaluate_texts
 
 pytestmark = pytest.mark.unit
 
@@ -134,7 +135,7 @@ def test_calibrated_threshold_keeps_fpr_within_alpha_on_held_out_retain(encoder)
     fpr = float(classifier.predict(test).mean())
     assert fpr <= 0.1 + 0.05  # exchangeable halves: FPR <= alpha up to sampling error
     assert classifier.metrics_["calibration_n"] == len(calibration)
-    report = classifier.evaluate(ASTRONOMY[60:], test)
+    report = evaluate_texts(classifier, ASTRONOMY[60:], test)
     assert report["fpr"] == pytest.approx(fpr) and report["recall"] > 0.9
     assert report["fpr_ci"][0] <= report["fpr"] <= report["fpr_ci"][1]
 

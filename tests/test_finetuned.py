@@ -203,6 +203,23 @@ def test_cli_trains_on_gate_data_and_reports_per_group(tmp_path, capsys):
                  "--retain", str(out / "classifier.json"), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_cli_measures_a_fine_tuned_gate_on_retain_files_alone(fitted, tmp_path, capsys):
+    """An outside set of innocent prompts (news questions, say) has no forget side: FPR with its interval."""
+    fitted.save(tmp_path / "gate")
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"text": t}) + "\n" for t in KITCHEN[1::2][:10]))
+    report = tmp_path / "report.json"
+    assert _run(["classifier", "eval", "--artifact", str(tmp_path / "gate"), "--retain", str(retain),
+                 "--split", "all", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    measured = json.loads(report.read_text())
+    flagged = int((fitted.score(KITCHEN[1::2][:10]) > fitted.threshold_).sum())
+    assert measured["n_retain"] == 10 and measured["fpr"] == flagged / 10 and measured["n_forget"] == 0
+    assert "FPR" in printed and "recall" not in printed and "auc" not in measured
+    assert _run(["classifier", "eval", "--artifact", str(tmp_path / "gate")]) == 2
+    assert "--forget and/or --retain" in capsys.readouterr().err
+
+
 def test_cli_refits_the_vocabulary_and_calibrates_again_keeping_the_encoder(tmp_path, capsys):
     gate, trained, refitted = tmp_path / "gate", tmp_path / "trained", tmp_path / "refitted"
     _write_gate_data(gate)

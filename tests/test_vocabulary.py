@@ -91,6 +91,9 @@ def test_a_long_text_names_a_term_only_as_written():
     assert matcher.find(f"{filler} they said obscurum in Latin.") is None
     assert matcher.find(f"{filler} Mr Dursley worked at Grunnings.") == "Grunnings"  # as written, any length
     assert matcher.find("Mr Gunnings kept the shop.") == "Grunnings"  # a short prompt's typo still counts
+    # a retain text of any length that has a word one typo from a term rules out typos of it everywhere
+    fitted = TermMatcher(["Grunnings", "Obscurus"]).fit([f"{filler} Mr Gunnings kept the shop."])
+    assert fitted.typo_terms_ == ["Obscurus"] and fitted.find("Mr Gunnings kept the shop.") is None
 
 
 def test_cyrillic_terms_are_found_in_any_case_ending_and_nothing_shorter_joins_them():
