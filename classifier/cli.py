@@ -199,7 +199,7 @@ def _eval_files(args: argparse.Namespace) -> int:
                                                 _texts(args.retain, args.split))
         if args.attack:
             attack = _texts(args.attack, "all")
-            hits = int(classifier.predict(attack).sum())
+            hits = int((classifier.score(attack) > report["threshold"]).sum())
             report["attack_n"] = len(attack)
             report["attack_recall"] = hits / len(attack)
             report["attack_recall_ci"] = list(wilson_interval(hits, len(attack)))

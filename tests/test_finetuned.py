@@ -208,14 +208,19 @@ def test_cli_measures_a_fine_tuned_gate_on_retain_files_alone(fitted, tmp_path, 
     fitted.save(tmp_path / "gate")
     retain = tmp_path / "retain.jsonl"
     retain.write_text("".join(json.dumps({"text": t}) + "\n" for t in KITCHEN[1::2][:10]))
+    attack = tmp_path / "attack.jsonl"
+    attack.write_text("".join(json.dumps({"text": t}) + "\n" for t in SKY[1::2][:4]))
     report = tmp_path / "report.json"
     assert _run(["classifier", "eval", "--artifact", str(tmp_path / "gate"), "--retain", str(retain),
-                 "--split", "all", "--json", str(report)]) == 0
+                 "--attack", str(attack), "--split", "all", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     measured = json.loads(report.read_text())
     flagged = int((fitted.score(KITCHEN[1::2][:10]) > fitted.threshold_).sum())
     assert measured["n_retain"] == 10 and measured["fpr"] == flagged / 10 and measured["n_forget"] == 0
-    assert "FPR" in printed and "recall" not in printed and "auc" not in measured
+    assert measured["attack_recall"] == (fitted.score(SKY[1::2][:4]) > fitted.threshold_).mean()
+    lines = printed.splitlines()
+    assert any(line.startswith("FPR") for line in lines) and not any(line.startswith("recall") for line in lines)
+    assert "auc" not in measured
     assert _run(["classifier", "eval", "--artifact", str(tmp_path / "gate")]) == 2
     assert "--forget and/or --retain" in capsys.readouterr().err
 
