@@ -77,6 +77,10 @@ def register(groups: argparse._SubParsersAction) -> None:
     search.add_argument("--fluency-check-prompts", type=Path, metavar="FILE",
                         help="prompts (JSONL, field prompt) the candidates' fluency check continues instead of "
                              "the probes: longer passages dense with the target's names show what noise costs")
+    search.add_argument("--routes", nargs="+", choices=["completion", "chat"], default=["completion"],
+                        help="how the probes and twins are asked: as completion prompts, as chats rendered with "
+                             "the model's template (the model's turn begins with the probe), or both; every "
+                             "route and kind must meet its own twins' reference")
     train.add_argument("--samples", type=int, default=2, help="noise draws per probe")
     train.add_argument("--max-tokens", type=int, default=8, help="tokens generated per probe")
     train.add_argument("--embedding-scale", type=float, help="input-embedding scale for an unknown architecture")
@@ -119,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
         mu=args.mu, tolerance=args.tolerance, learn=tuple(args.learn), fluency_bound=args.fluency_bound,
         fluency_probes=args.fluency_probes, fluency_tokens=args.fluency_tokens, bisections=args.bisections,
         spread_keys=args.spread_keys, candidates=tuple(args.candidates),
-        fluency_check_prompts=args.fluency_check_prompts, samples=args.samples,
+        fluency_check_prompts=args.fluency_check_prompts, routes=tuple(args.routes), samples=args.samples,
         max_tokens=args.max_tokens, embedding_scale=args.embedding_scale,
         skip_embedding_check=args.skip_embedding_check, seed=args.seed)
     try:

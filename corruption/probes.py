@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+# A probe asked as a chat: the user asks for a completion, the model's turn begins with the probe (a base model
+# asked a question in a chat repeats it). `eco-proxy eval` asks its chat probes so, and the trainer learns on them.
+CHAT_ASK = "Complete the sentence."
+CHAT_KIND_PREFIX = "chat:"
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,25 @@ class Probe:
 
     def answered_by(self, completion: str) -> bool:
         return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", completion, re.IGNORECASE) for a in self.answers)
+
+
+def probe_chat(prompt: str) -> list[dict[str, str]]:
+    """The conversation that asks `prompt` as a chat (rendered with continue_final_message)."""
+    return [{"role": "user", "content": CHAT_ASK}, {"role": "assistant", "content": prompt}]
+
+
+def as_chats(probes: Sequence[Probe], tokenizer: Any) -> list[Probe]:
+    """Each probe as a chat rendered with the model's template, kind "chat:<kind>" (each route is held to
+    its own reference). The template's leading <bos> is cut: the trainer's tokenizer adds it to every prompt,
+    and two would be a prompt vLLM never sees."""
+    chats = []
+    for probe in probes:
+        rendered = tokenizer.apply_chat_template(probe_chat(probe.prompt), continue_final_message=True,
+                                                 tokenize=False)
+        bos = tokenizer.bos_token or ""
+        chats.append(Probe(rendered[len(bos):] if bos and rendered.startswith(bos) else rendered, probe.answers,
+                           f"{CHAT_KIND_PREFIX}{probe.kind}"))
+    return chats
 
 
 @dataclass(frozen=True)

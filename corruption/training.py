@@ -49,6 +49,9 @@ class CorruptionTraining:
     # prompts (JSONL, field `prompt`) the candidates' fluency check continues instead of the probes: longer
     # passages dense with the target's names show a cost of noise that short probes hide
     fluency_check_prompts: Path | None = None
+    # how the search asks its probes and twins: "completion" (the prompt as it is), "chat" (rendered with the
+    # template, as `eco-proxy eval` asks its chat probes); each route is held to its own reference per kind
+    routes: tuple[str, ...] = ("completion",)
     steps: int = 12
     lr: float = 0.5
     mu: float = 0.3
@@ -93,6 +96,10 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
     if strengthless := [method for method, _ in job.candidates if method not in GAUSSIAN]:
         raise ValueError(f"--candidates: {strengthless[0]} has no noise strength to learn; "
                          f"use one of {', '.join(GAUSSIAN)}")
+    if not job.routes or set(job.routes) - set(ROUTES):
+        raise ValueError(f"--routes takes one or both of {', '.join(ROUTES)}, not {' '.join(job.routes) or 'none'}")
+    if "chat" in job.routes and not twins:
+        raise ValueError("--routes chat needs --counterfactual (the two-sided search holds each route to its twins)")
     if job.fluency_check_prompts and len(job.candidates) < 2:
         raise ValueError("--fluency-check-prompts needs two --candidates or more (the check chooses between them)")
     check_prompts = read_prompts(job.fluency_check_prompts) if job.fluency_check_prompts \
@@ -121,6 +128,7 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
         if goal is None and job.score == "mc":
             goal = sum(q.chance for q in data) / len(data)
         if goal is None and twins:
+            data, twins = _on_routes(data, job.routes, tokenizer), _on_routes(twins, job.routes, tokenizer)
             reference = {kind: (sum(hits), len(hits)) for kind, hits in trainer.answers_by_kind(twins).items()}
             log("counterfactual twins answered uncorrupted (the reference): " + ", ".join(
                 f"{kind} {s}/{n} = {s / n:.3f}" for kind, (s, n) in reference.items()))
@@ -144,6 +152,7 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
                 result["candidates"] = [_candidate_summary(r) for r in results]
                 log(f"chosen: {result['spec']['method']} on {result['spec']['dims']} dimensions")
             result["counterfactual"] = {"n": len(twins)}
+            result["routes"] = list(job.routes)
             return _written(job.out, result, log)
         if goal is None:
             if control is None:
@@ -170,6 +179,14 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
 
 
 FLUENCY_CHECK_KEYS = 2
+ROUTES = ("completion", "chat")
+
+
+def _on_routes(probes: Sequence[Any], routes: Sequence[str], tokenizer: Any) -> list[Any]:
+    """The probes as each route asks them: as they are, then as chats (kind "chat:<kind>")."""
+    from corruption.probes import as_chats
+
+    return (list(probes) if "completion" in routes else []) + (as_chats(probes, tokenizer) if "chat" in routes else [])
 
 
 def read_prompts(path: Path) -> list[str]:

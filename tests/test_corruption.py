@@ -385,3 +385,33 @@ def test_fluency_check_prompts_name_the_line_that_holds_no_prompt(tmp_path, line
         read_prompts(path)
     path.write_text(json.dumps({"prompt": "Neville found Trevor under the"}) + "\n")
     assert read_prompts(path) == ["Neville found Trevor under the"]
+
+
+def test_chat_routes_need_counterfactual_twins_and_name_the_routes(tmp_path):
+    from corruption.training import CorruptionTraining, train_corruption
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "Harry's owl is", "answers": ["Hedwig"]}) + "\n")
+    job = CorruptionTraining("http://127.0.0.1:9", tmp_path, tmp_path / "out.json", probes=probes, routes=("chat",))
+    with pytest.raises(ValueError, match="--routes chat needs --counterfactual"):
+        train_corruption(job)
+    job = CorruptionTraining("http://127.0.0.1:9", tmp_path, tmp_path / "out.json", probes=probes, routes=("voice",))
+    with pytest.raises(ValueError, match="--routes takes one or both of completion, chat, not voice"):
+        train_corruption(job)
+
+
+class _TemplateTokenizer:
+    """A chat template that, like Gemma's, begins with <bos> and leaves the model's turn open."""
+
+    bos_token = "<bos>"
+
+    def apply_chat_template(self, messages, continue_final_message, tokenize):
+        assert continue_final_message and not tokenize
+        return "<bos>" + "".join(f"<turn>{m['role']}\n{m['content']}" for m in messages)
+
+
+def test_a_probe_as_a_chat_keeps_its_answers_and_leaves_the_bos_to_the_tokenizer():
+    from corruption.probes import CHAT_ASK, as_chats
+
+    [chat] = as_chats([Probe("Harry's owl is", ("Hedwig",), "named")], _TemplateTokenizer())
+    assert chat == Probe(f"<turn>user\n{CHAT_ASK}<turn>assistant\nHarry's owl is", ("Hedwig",), "chat:named")

@@ -154,3 +154,18 @@ def test_the_trainer_chooses_where_the_noise_goes_among_candidates(backend, tmp_
                  "--dims", "64"]) == 0
     result = json.loads(one.read_text())
     assert "candidates" not in result and (result["spec"]["method"], result["spec"]["dims"]) == ("gaussian_top_k", 64)
+
+
+def test_a_chat_probe_is_the_token_sequence_the_proxy_sends_for_that_chat(backend):
+    """The trainer's chat route asks vLLM exactly what the proxy would for the chat `eco-proxy eval` sends:
+    one <bos>, the template's turns, the model's turn open on the probe."""
+    from corruption.probes import as_chats, probe_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(backend.model_dir)
+    trainer = CorruptionTrainer(EmbedsBackend(backend.url), tokenizer, EmbeddingTable.from_model_dir(backend.model_dir),
+                                CorruptionSpec(method="gaussian_first_n", dims=640, sigma=0.5))
+    [chat] = as_chats([Probe(PROBES[1].prompt, PROBES[1].answers, "named")], tokenizer)
+    rendered = tokenizer.apply_chat_template(probe_chat(PROBES[1].prompt), continue_final_message=True, tokenize=False)
+    served = tokenizer(rendered, add_special_tokens=False)["input_ids"]  # as proxy/prompts.py tokenizes a chat
+    assert trainer._encode(chat.prompt, trainer.spec).token_ids == served
+    assert served.count(tokenizer.bos_token_id) == 1 and chat.kind == "chat:named"
