@@ -10,11 +10,11 @@ Matching runs on every reading `classifier.normalize.variants` gives, plus two t
 here (ROT13 and the text reversed, where only exact terms count); words compare case-folded,
 hyphens and spaces alike, with a plural on the last word, and a term within one typo: a long
 one-word term ("Expeliarmus", "Quiddtich"), or one word of five letters or more in a longer term
-("wingardium leviossa"), in a text of up to TYPO_MAX_WORDS words. A word as typed that is an ordinary word of the language ("carrots",
-"gallows") is never read as a typo of a term ("the Carrows", "Deathly Hallows"). Terms written in
-scripts without spaces (Chinese, Japanese, Korean) match as substrings. Words in Cyrillic compare
-without their case ending ("Поттера" is "Поттер", "таємну кімнату" is "таємна кімната"): Russian
-and Ukrainian inflect names and titles.
+("wingardium leviossa"), in a text of up to TYPO_MAX_WORDS words. A word as typed that is an ordinary
+word of the language ("carrots", "gallows") is never read as a typo of a term ("the Carrows",
+"Deathly Hallows"). Terms written in scripts without spaces (Chinese, Japanese, Korean) match as
+substrings. Words in Cyrillic compare without their case ending ("Поттера" is "Поттер", "таємну
+кімнату" is "таємна кімната"): Russian and Ukrainian inflect names and titles.
 """
 from __future__ import annotations
 

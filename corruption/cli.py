@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from corruption.spec import GAUSSIAN, NEEDS_VALUE
+from corruption.training import ROUTES
 
 
 def register(groups: argparse._SubParsersAction) -> None:
@@ -77,7 +78,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     search.add_argument("--fluency-check-prompts", type=Path, metavar="FILE",
                         help="prompts (JSONL, field prompt) the candidates' fluency check continues instead of "
                              "the probes: longer passages dense with the target's names show what noise costs")
-    search.add_argument("--routes", nargs="+", choices=["completion", "chat"], default=["completion"],
+    search.add_argument("--routes", nargs="+", choices=ROUTES, default=["completion"],
                         help="how the probes and twins are asked: as completion prompts, as chats rendered with "
                              "the model's template (the model's turn begins with the probe), or both; every "
                              "route and kind must meet its own twins' reference")

@@ -12,6 +12,9 @@ from typing import Any, Literal
 from corruption.spec import GAUSSIAN, CorruptionSpec
 
 
+ROUTES = ("completion", "chat")  # how the search may ask its probes (CorruptionTraining.routes)
+
+
 @dataclass(frozen=True)
 class CorruptionTraining:
     backend_url: str
@@ -179,7 +182,6 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
 
 
 FLUENCY_CHECK_KEYS = 2
-ROUTES = ("completion", "chat")
 
 
 def _on_routes(probes: Sequence[Any], routes: Sequence[str], tokenizer: Any) -> list[Any]:
