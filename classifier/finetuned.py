@@ -1,8 +1,9 @@
 """The default gate: a small transformer fine-tuned end to end to tell forget prompts from retain ones.
 
-all-MiniLM-L6-v2's BERT encoder, mean-pooled, under a linear head, trained with class-weighted
-cross-entropy on every layer but the word embeddings (kept frozen: a third faster, and rare
-names keep their pretrained neighbourhoods). Unlike a frozen embedding under a linear head, it
+A BERT encoder (multilingual-e5-small by default, `classifier.packaged_e5`; all-MiniLM-L6-v2 for an
+English-only gate), mean-pooled, under a linear head, trained with class-weighted cross-entropy on
+every layer but the word embeddings (kept frozen: faster, rare names keep their pretrained
+neighbourhoods, and the artifact need not hold the table: it is taken from the encoder's package). Unlike a frozen embedding under a linear head, it
 learns what a prompt is about rather than which words it contains.
 
 Before the encoder, the target's own vocabulary (`classifier.vocabulary`): a prompt naming one of
@@ -18,10 +19,12 @@ encoder sees them; its threshold keeps almost every forget text.
 Inference runs as a `BatchingRunner`: concurrent callers share forward passes on one thread, and
 recent pieces are remembered. The forward pass runs on the runtime the gate was calibrated with
 (`classifier.runtime`; by default ONNX Runtime with int8 weights). The artifact is a directory: `classifier.json`,
-`model.safetensors` (every weight, both stages) and the tokenizer's files; nothing is pickled.
+`model.safetensors` (every trained weight, both stages) and the tokenizer's files; nothing is pickled.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -38,7 +41,7 @@ from tqdm.auto import tqdm
 
 from classifier.batching import DEFAULT_CACHE_SIZE, BatchingRunner
 from classifier.cascade import NgramStage, recall_threshold
-from classifier.encoder import DEFAULT_ENCODER, resolve_encoder_path
+from classifier.encoder import DEFAULT_ENCODER, GATE_ENCODER, resolve_encoder_path
 from classifier.artifact import META_FILE, read_artifact_meta
 from classifier.model import training_hash
 from classifier.normalize import variants
@@ -51,6 +54,7 @@ KIND = "finetuned"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 INFERENCE_BATCH = 64
+WORD_EMBEDDINGS = "encoder.embeddings.word_embeddings.weight"  # frozen in training, so the encoder's own
 log = logging.getLogger(__name__)
 
 
@@ -62,9 +66,29 @@ def text_pieces(text: str) -> list[str]:
 EARLY_EXIT_PIECES = 4  # the first group of pieces scored while a caller waits for one above its threshold
 
 
-def _ordinary_words(tokenizer: Any) -> list[str]:
-    """The encoder's whole words, standing for the language's ordinary ones ("##" marks a word piece)."""
-    return [word for word in tokenizer.get_vocab() if word.isalpha() and not word.startswith("##")]
+@functools.cache
+def _ordinary_words() -> tuple[str, ...]:
+    """English's ordinary words, for the vocabulary's typo rule: the whole words of the packaged MiniLM's
+    word-piece list ("##" marks a piece), whichever encoder the gate runs, so the rule does not move with it."""
+    vocabulary = (resolve_encoder_path(DEFAULT_ENCODER) / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    return tuple(word for word in vocabulary if word.isalpha() and not word.startswith("##"))
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _encoder_word_embeddings(encoder: str, sha256: str) -> torch.Tensor:
+    """The encoder's word-embedding table, as the artifact was trained with (its hash must match)."""
+    from safetensors import safe_open
+
+    path = resolve_encoder_path(encoder) / WEIGHTS_FILE
+    with safe_open(str(path), "pt") as weights:
+        table = weights.get_tensor(WORD_EMBEDDINGS.removeprefix("encoder."))
+    if _tensor_sha256(table) != sha256:
+        raise ValueError(f"{path}: the word embeddings of encoder {encoder!r} are not those the gate was trained "
+                         "with (another version of its package?)")
+    return table
 
 
 def _sigmoid(margins: np.ndarray) -> np.ndarray:
@@ -138,7 +162,7 @@ class FineTunedClassifier:
 
     kind = KIND
 
-    def __init__(self, encoder: str = DEFAULT_ENCODER, epochs: int = 4, max_length: int = 128, batch_size: int = 32,
+    def __init__(self, encoder: str = GATE_ENCODER, epochs: int = 4, max_length: int = 128, batch_size: int = 32,
                  learning_rate: float = 5e-5, head_learning_rate: float = 1e-3, weight_decay: float = 0.01,
                  warmup_fraction: float = 0.06, hard_pieces_per_retain_text: int = 2,
                  candidate_pieces_per_text: int = 4, stage1_recall: float = 0.995, stage1_features: int = 2**20,
@@ -219,7 +243,7 @@ class FineTunedClassifier:
         What the classifier scores changes, so it is left uncalibrated."""
         self._check_fitted()
         self.terms = list(terms)
-        self.vocabulary_ = TermMatcher(self.terms, _ordinary_words(self.tokenizer_)).fit(retain_texts)
+        self.vocabulary_ = TermMatcher(self.terms, _ordinary_words()).fit(retain_texts)
         self._uncalibrate()
         self.metrics_["vocabulary"] = {"terms": len(self.terms), "kept": len(self.vocabulary_.terms_),
                                        "dropped_as_used_by_retain_texts": self.vocabulary_.dropped_terms_}
@@ -272,6 +296,7 @@ class FineTunedClassifier:
         batches_per_epoch = math.ceil(sum(self._picks(len(rows), label) for rows, label in zip(candidates, labels))
                                       / self.batch_size)
         planned_epochs, total_steps, step = self.epochs, self.epochs * batches_per_epoch, 0
+        full_steps = total_steps
         warmup = max(1, int(self.warmup_fraction * total_steps))
         budget = math.inf if self.max_minutes is None else 60 * self.max_minutes
         losses: list[float] = []
@@ -305,18 +330,19 @@ class FineTunedClassifier:
                 step += 1
                 epoch_losses.append(loss.item())
                 bar.set_postfix(loss=f"{np.mean(epoch_losses[-50:]):.4f}")
-                if time.monotonic() - started > budget:
+                if step >= total_steps or time.monotonic() - started > budget:
                     break
             losses.append(float(np.mean(epoch_losses)))
             epoch += 1
             epoch_seconds = time.monotonic() - epoch_started
             affordable = epoch + (budget - (time.monotonic() - started)) / epoch_seconds
-            if affordable < planned_epochs:  # the time budget binds: finish the learning-rate decay sooner
-                affordable = int(affordable)
-                planned_epochs = max(epoch, affordable)
-                total_steps = max(step + 1, planned_epochs * batches_per_epoch)
-        return {"epochs_run": epoch, "epochs_planned": self.epochs, "steps": step, "epoch_losses": losses,
-                "stopped_by_time_budget": epoch < self.epochs}
+            if affordable < planned_epochs:
+                # the time budget binds: the steps it still affords (a last epoch may be partial), with the
+                # learning rate decayed to zero at the last of them; 5% spare for the next epoch's re-ranking
+                total_steps = min(total_steps, step + int(0.95 * (affordable - epoch) * batches_per_epoch))
+                planned_epochs = math.ceil(total_steps / batches_per_epoch) if total_steps > step else epoch
+        return {"epochs_run": epoch, "epochs_planned": self.epochs, "steps": step, "steps_planned": full_steps,
+                "epoch_losses": losses, "stopped_by_time_budget": step < full_steps}
 
     def _picks(self, pieces: int, label: int) -> int:
         return 1 if label == 1 else min(pieces, self.hard_pieces_per_retain_text)
@@ -445,7 +471,11 @@ class FineTunedClassifier:
         self._check_fitted()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{name}": tensor.detach().contiguous() for name, tensor in self.model_.state_dict().items()}
+        state = self.model_.state_dict()
+        # the word embeddings were never trained: the artifact names them by hash, and load takes them from the
+        # encoder's package (a multilingual vocabulary's table is 384 MB)
+        tensors = {f"model.{name}": tensor.detach().contiguous() for name, tensor in state.items()
+                   if name != WORD_EMBEDDINGS}
         tensors.update({f"stage1.{name}": torch.from_numpy(array) for name, array in self.stage1_.tensors().items()})
         save_file(tensors, str(directory / WEIGHTS_FILE))
         for name in TOKENIZER_FILES:
@@ -457,6 +487,7 @@ class FineTunedClassifier:
             "threshold": self.threshold_, "stage1_threshold": self.stage1_threshold_,
             "group_thresholds": self.group_thresholds_, "alpha": self.alpha_, "delta": self.delta_,
             "metrics": self.metrics_, "entities": self.entities_,
+            "word_embeddings_sha256": _tensor_sha256(state[WORD_EMBEDDINGS]),
             "vocabulary": {"terms": self.vocabulary_.terms_, "typo_terms": self.vocabulary_.typo_terms_,
                            "dropped": self.vocabulary_.dropped_terms_},
         }
@@ -484,6 +515,11 @@ class FineTunedClassifier:
         with torch.random.fork_rng():  # the random initialisation is overwritten; keep the caller's RNG
             model = _SequenceClassifier(AutoModel.from_config(config))
         weights = {name.removeprefix("model."): t for name, t in tensors.items() if name.startswith("model.")}
+        if WORD_EMBEDDINGS not in weights:
+            if "word_embeddings_sha256" not in meta:
+                raise ValueError(f"{directory / WEIGHTS_FILE}: holds no word embeddings, and "
+                                 f"{directory / META_FILE} names none of its encoder's")
+            weights[WORD_EMBEDDINGS] = _encoder_word_embeddings(meta["encoder"], meta["word_embeddings_sha256"])
         try:
             model.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
@@ -503,7 +539,7 @@ class FineTunedClassifier:
         classifier.stage1_threshold_ = meta["stage1_threshold"]
         vocabulary = meta.get("vocabulary", {})
         classifier.vocabulary_ = TermMatcher.fitted(vocabulary.get("terms", []), vocabulary.get("typo_terms", []),
-                                                    vocabulary.get("dropped"), _ordinary_words(classifier.tokenizer_))
+                                                    vocabulary.get("dropped"), _ordinary_words())
         classifier.terms = list(vocabulary.get("terms", [])) + list(vocabulary.get("dropped", {}))
         classifier.group_thresholds_ = meta.get("group_thresholds", {})
         classifier.alpha_, classifier.delta_ = meta["alpha"], meta["delta"]

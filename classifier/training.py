@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from classifier.encoder import DEFAULT_ENCODER
+from classifier.encoder import DEFAULT_ENCODER, GATE_ENCODER
 from classifier.gate_data import GateRecord, obfuscated
 from classifier.runtime import DEFAULT_RUNTIME
 
@@ -23,7 +23,7 @@ class GateTraining:
     max_minutes: float = 20.0
     diluted_fraction: float = 0.1
     obfuscated_fraction: float = 0.1  # obfuscated copies of the training split's forget prompts
-    encoder: str = DEFAULT_ENCODER
+    encoder: str | None = None  # default: GATE_ENCODER (finetuned), DEFAULT_ENCODER (logistic)
     C: float = 10.0  # logistic only
     seed: int = 0
     entities: Path | None = None  # key terms, one per line; default: derived from the training split
@@ -98,7 +98,7 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
         from classifier.finetuned import FineTunedClassifier
 
         vocabulary = job.gate_data / "terms" / "forget.txt"
-        classifier: Any = FineTunedClassifier(job.encoder, epochs=job.epochs, max_minutes=job.max_minutes,
+        classifier: Any = FineTunedClassifier(job.encoder or GATE_ENCODER, epochs=job.epochs, max_minutes=job.max_minutes,
                                               random_state=job.seed, runtime=job.runtime,
                                               terms=read_terms(vocabulary) if vocabulary.is_file() else ())
         classifier.fit(texts, labels, progress=True)
@@ -107,7 +107,7 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
     elif job.model == "logistic":
         from classifier.model import PromptClassifier
 
-        classifier = PromptClassifier(job.encoder, C=job.C, random_state=job.seed)
+        classifier = PromptClassifier(job.encoder or DEFAULT_ENCODER, C=job.C, random_state=job.seed)
         log("encoding and fitting the training split ...")
         classifier.fit(texts, labels, progress=True)
         retain = [r for r in calibration if r.label == "retain"]

@@ -45,7 +45,7 @@ def test_flagged_held_out_named_facts_are_forgotten(demo_proxy, backend):
     """Probes whose answer is a name from the books, held out from the corruption's training, that the model
     answers without the proxy: those the gate flags are (almost) never answered through it, as a model that
     never read the books would not know an invented name (the counterfactual reference: 1 of 14 held-out
-    twins). The gate misses some of these sentence fragments (the README's 2 of 14): they are not counted."""
+    twins). The gate misses some of these sentence fragments (the README's 4 of 14): they are not counted."""
     probes = [p for p in read_probes(DEMO / "harry_potter" / "probes.kept.jsonl")
               if p.kind == "named" and split_of(p.prompt) != "train"]
     assert len(probes) == 14
@@ -53,7 +53,7 @@ def test_flagged_held_out_named_facts_are_forgotten(demo_proxy, backend):
     assert sum(raw) >= 13
     through = [(p, _complete(demo_proxy.url, p.prompt)) for p in probes]
     flagged = [(p, r) for p, r in through if r.headers["x-eco-flagged"] == "true"]
-    assert len(flagged) >= 11  # the README's 12 of 14, one of slack
+    assert len(flagged) >= 9  # the README's 10 of 14, one of slack
     answered = [p.prompt for p, r in flagged if p.answered_by(r.json()["choices"][0]["text"])]
     assert len(answered) <= 2, (len(flagged), answered)
 

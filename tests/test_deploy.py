@@ -542,6 +542,7 @@ def test_container_command_serves_health_and_reports_unready_without_backend(ima
         "ECO_PORT": str(_free_port()),
         "HOME": str(tmp_path / "home"),
         "ECO_PROXY_CACHE": str(writable / "eco-proxy"),
+        "ECO_ENCODERS_DIR": str(writable / "encoders"),  # the image converts its encoder at build
         "HF_HOME": str(writable / "huggingface"),
     }
     assert set(overrides) <= set(image.env)

@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from classifier import cli, load_classifier
 from classifier.cascade import recall_threshold
+from classifier.encoder import DEFAULT_ENCODER
 from classifier.finetuned import FineTunedClassifier, _margins, text_pieces
 from classifier.runtime import RUNTIMES, TorchForward, forward_for, runtime_version
 
@@ -27,8 +28,9 @@ _FRAMES = ["Tell me about {}.", "What should I know about {}?", "Explain {} to a
            "Write a short note on {}.", "Give me three facts about {}.", "How would you describe {}?"]
 SKY = [frame.format(topic) for topic, frame in itertools.product(_SKY, _FRAMES)]  # 60 each, forget
 KITCHEN = [frame.format(topic) for topic, frame in itertools.product(_KITCHEN, _FRAMES)]  # retain
-TINY = {"epochs": 1, "max_length": 16, "batch_size": 4, "learning_rate": 1e-4, "head_learning_rate": 1e-2,
-        "stage1_features": 2**12, "max_minutes": None}
+# the small English encoder, for speed: these tests are about the mechanics (the CLI test below trains the default)
+TINY = {"encoder": DEFAULT_ENCODER, "epochs": 1, "max_length": 16, "batch_size": 4, "learning_rate": 1e-4,
+        "head_learning_rate": 1e-2, "stage1_features": 2**12, "max_minutes": None}
 
 
 def _calibration_prompts() -> tuple[list[list[str]], list[int], list[str]]:
@@ -68,6 +70,26 @@ def test_fit_is_deterministic_and_a_saved_fit_scores_bit_for_bit_the_same(tmp_pa
     assert np.array_equal(loaded.score(texts), first.score(texts))
 
 
+def test_a_binding_time_budget_spends_what_is_left_on_a_partial_epoch(monkeypatch):
+    """On a clock that ticks once a call, an epoch costs about as many seconds as it has batches; a budget
+    that affords 1.6 epochs runs the first whole and part of the second (once it stopped after the first)."""
+    from types import SimpleNamespace
+
+    from classifier import finetuned
+
+    ticks = itertools.count()
+    monkeypatch.setattr(finetuned, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
+    texts, labels = SKY[:20] + KITCHEN[:20], [1] * 20 + [0] * 20
+    probe = FineTunedClassifier(**{**TINY, "epochs": 3}).fit(texts, labels).metrics_["training"]
+    per_epoch = probe["steps_planned"] // 3
+    assert (probe["steps"], probe["stopped_by_time_budget"]) == (3 * per_epoch, False)
+    budget = 1.6 * (per_epoch + 3) + 3  # seconds: fit's start, an epoch's batches and its own clock reads
+    history = FineTunedClassifier(**{**TINY, "epochs": 3, "max_minutes": budget / 60}).fit(
+        texts, labels).metrics_["training"]
+    assert history["stopped_by_time_budget"] and history["epochs_run"] == 2
+    assert per_epoch < history["steps"] < 2 * per_epoch
+
+
 def test_artifact_round_trip_without_pickle(fitted, tmp_path):
     fitted.entities_ = ["Andromeda", "Saturn"]
     artifact = fitted.save(tmp_path / "artifact")
@@ -86,6 +108,29 @@ def test_artifact_round_trip_without_pickle(fitted, tmp_path):
     assert loaded.score_segments([KITCHEN[0], SKY[0]]) == loaded.score([SKY[0]])[0]
     loaded.save(tmp_path / "again")  # a loaded artifact saves itself whole (its own tokenizer files)
     assert np.array_equal(load_classifier(tmp_path / "again").score(texts), loaded.score(texts))
+
+
+def test_the_artifact_takes_its_frozen_word_embeddings_from_the_encoder_and_checks_them(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    artifact = fitted.save(tmp_path / "artifact")
+    tensors = load_file(str(artifact / "model.safetensors"))
+    assert not [name for name in tensors if "word_embeddings" in name]
+    texts = SKY[::9] + KITCHEN[::9]
+    expected = load_classifier(artifact).score(texts)
+    # an artifact that holds the table (as the first fine-tuned ones did) loads it from there
+    tensors["model.encoder.embeddings.word_embeddings.weight"] = fitted.model_.state_dict()[
+        "encoder.embeddings.word_embeddings.weight"]
+    save_file(tensors, str(artifact / "model.safetensors"))
+    assert np.array_equal(load_classifier(artifact).score(texts), expected)
+    # without it, the encoder's table must be the one trained with
+    meta_path = artifact / "classifier.json"
+    meta = json.loads(meta_path.read_text())
+    del tensors["model.encoder.embeddings.word_embeddings.weight"]
+    save_file(tensors, str(artifact / "model.safetensors"))
+    meta_path.write_text(json.dumps({**meta, "word_embeddings_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="not those the gate was trained with"):
+        load_classifier(artifact)
 
 
 def test_the_cascade_clears_benign_pieces_without_the_encoder(fitted, tmp_path):
@@ -193,6 +238,7 @@ def test_cli_trains_on_gate_data_and_reports_per_group(tmp_path, capsys):
     assert "## calibration split" in printed and "## test split" in printed and "| everyday |" in printed
     meta = json.loads((out / "classifier.json").read_text())
     assert meta["kind"] == "finetuned" and meta["alpha"] == 0.3 and meta["delta"] == 0.3
+    assert meta["encoder"] == "multilingual-e5-small"  # the default: no word-piece list of its own (vocab.txt)
     assert set(meta["metrics"]["test"]["recall_by_group"]) == {"direct", "multi_turn"}
     assert meta["metrics"]["training_seconds"] > 0 and (out / "report.md").read_text().startswith("# Gate report")
     report = tmp_path / "eval.json"
@@ -229,7 +275,7 @@ def test_cli_refits_the_vocabulary_and_calibrates_again_keeping_the_encoder(tmp_
     gate, trained, refitted = tmp_path / "gate", tmp_path / "trained", tmp_path / "refitted"
     _write_gate_data(gate)
     assert _run(["classifier", "train", "--gate-data", str(gate), "--out", str(trained), "--epochs", "1",
-                 "--alpha", "0.3", "--delta", "0.3"]) == 0
+                 "--alpha", "0.3", "--delta", "0.3", "--encoder", DEFAULT_ENCODER]) == 0
     before = json.loads((trained / "classifier.json").read_text())
     assert before["vocabulary"]["terms"] == []
     (gate / "terms").mkdir()
