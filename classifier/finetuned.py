@@ -3,8 +3,9 @@
 A BERT encoder (multilingual-e5-small by default, `classifier.packaged_e5`; all-MiniLM-L6-v2 for an
 English-only gate), mean-pooled, under a linear head, trained with class-weighted cross-entropy on
 every layer but the word embeddings (kept frozen: faster, rare names keep their pretrained
-neighbourhoods, and the artifact need not hold the table: it is taken from the encoder's package). Unlike a frozen embedding under a linear head, it
-learns what a prompt is about rather than which words it contains.
+neighbourhoods, and the artifact need not hold the table: it is taken from the encoder's package).
+Unlike a frozen embedding under a linear head, it learns what a prompt is about rather than which
+words it contains.
 
 Before the encoder, the target's own vocabulary (`classifier.vocabulary`): a prompt naming one of
 its terms scores 1, unless retain training texts use that term too. Otherwise a text is scored
@@ -54,7 +55,7 @@ KIND = "finetuned"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 INFERENCE_BATCH = 64
-WORD_EMBEDDINGS = "encoder.embeddings.word_embeddings.weight"  # frozen in training, so the encoder's own
+WORD_EMBEDDINGS = "encoder.embeddings.word_embeddings.weight"  # never trained: an artifact takes its encoder's
 log = logging.getLogger(__name__)
 
 
@@ -80,11 +81,14 @@ def _tensor_sha256(tensor: torch.Tensor) -> str:
 
 def _encoder_word_embeddings(encoder: str, sha256: str) -> torch.Tensor:
     """The encoder's word-embedding table, as the artifact was trained with (its hash must match)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = resolve_encoder_path(encoder) / WEIGHTS_FILE
-    with safe_open(str(path), "pt") as weights:
-        table = weights.get_tensor(WORD_EMBEDDINGS.removeprefix("encoder."))
+    try:
+        with safe_open(str(path), "pt") as weights:
+            table = weights.get_tensor(WORD_EMBEDDINGS.removeprefix("encoder."))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read the word embeddings of encoder {encoder!r}: {exc}") from exc
     if _tensor_sha256(table) != sha256:
         raise ValueError(f"{path}: the word embeddings of encoder {encoder!r} are not those the gate was trained "
                          "with (another version of its package?)")
@@ -164,7 +168,7 @@ class FineTunedClassifier:
 
     def __init__(self, encoder: str = GATE_ENCODER, epochs: int = 4, max_length: int = 128, batch_size: int = 32,
                  learning_rate: float = 5e-5, head_learning_rate: float = 1e-3, weight_decay: float = 0.01,
-                 warmup_fraction: float = 0.06, hard_pieces_per_retain_text: int = 2,
+                 warmup_fraction: float = 0.06, frozen_layers: int = 0, hard_pieces_per_retain_text: int = 2,
                  candidate_pieces_per_text: int = 4, stage1_recall: float = 0.995, stage1_features: int = 2**20,
                  stage1_C: float = 4.0, max_minutes: float | None = 20.0, random_state: int = 0,
                  runtime: str = DEFAULT_RUNTIME, cache_size: int = DEFAULT_CACHE_SIZE,
@@ -177,6 +181,9 @@ class FineTunedClassifier:
         self.head_learning_rate = head_learning_rate
         self.weight_decay = weight_decay
         self.warmup_fraction = warmup_fraction
+        # the lowest layers and the embeddings left as pretrained: each step costs less (no gradient below them),
+        # and the layers that align languages keep doing so
+        self.frozen_layers = frozen_layers
         self.hard_pieces_per_retain_text = hard_pieces_per_retain_text
         # of a text with many pieces, only those the first stage ranks highest may be trained: the others
         # never reach the encoder once calibrated, and scoring every piece each epoch would cost minutes
@@ -194,8 +201,8 @@ class FineTunedClassifier:
     def hyperparameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
             "epochs", "max_length", "batch_size", "learning_rate", "head_learning_rate", "weight_decay",
-            "warmup_fraction", "hard_pieces_per_retain_text", "candidate_pieces_per_text", "stage1_recall",
-            "stage1_features", "stage1_C", "max_minutes", "random_state", "runtime")}
+            "warmup_fraction", "frozen_layers", "hard_pieces_per_retain_text", "candidate_pieces_per_text",
+            "stage1_recall", "stage1_features", "stage1_C", "max_minutes", "random_state", "runtime")}
 
     # -- fit ----------------------------------------------------------------------------
     def fit(self, texts: Sequence[str], labels: Sequence[int], progress: bool = False) -> "FineTunedClassifier":
@@ -281,6 +288,9 @@ class FineTunedClassifier:
                    bag_rows: list[np.ndarray], labels: np.ndarray, stage1_scores: np.ndarray,
                    rng: np.random.Generator, started: float, progress: bool) -> dict[str, Any]:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        if self.frozen_layers:
+            for module in (model.encoder.embeddings, *model.encoder.encoder.layer[:self.frozen_layers]):
+                module.requires_grad_(False)
         head_parameters = list(model.head.parameters())
         encoder_parameters = [p for p in model.encoder.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW([

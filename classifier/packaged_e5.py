@@ -5,8 +5,9 @@ its SentencePiece vocabulary, in one file. This module reads that file, dequanti
 to float32 and writes what `transformers` loads: `config.json`, `model.safetensors` and a fast
 tokenizer (the Unigram vocabulary with its scores). The directory is built once per machine, in
 the eco-proxy cache, or in `ECO_ENCODERS_DIR` (an image builds it there, so that a container with a
-read-only root filesystem finds it and writes nothing). The dequantised weights are the 4-bit model's, not the original float ones;
-the gate is fine-tuned from them, so that difference is trained over.
+read-only root filesystem finds it and writes nothing). The dequantised weights are the 4-bit
+model's, not the original float ones; the gate is fine-tuned from them, so that difference is
+trained over.
 """
 from __future__ import annotations
 
@@ -145,8 +146,9 @@ def _state_dict(config: dict, tensors: dict[str, np.ndarray]) -> dict[str, np.nd
             layer, _, short = prefix.partition(".")
             module = _LAYER_NAMES[short]
             key = f"encoder.layer.{int(layer[1:])}.{module}.{suffix}"
-            shape = {"fi": (config["intermediate_size"], hidden), "fo": (hidden, config["intermediate_size"])}.get(
-                short, (hidden, hidden)) if suffix == "weight" and "LayerNorm" not in module else (-1,)
+            # a linear layer's weight is (outputs, inputs); only the feed-forward's output reads the wide input
+            inputs = config["intermediate_size"] if short == "fo" else hidden
+            shape = (-1, inputs) if suffix == "weight" and "LayerNorm" not in module else (-1,)
         state[key] = values.reshape(shape)
     # mean pooling is what the gate uses; the unused pooler is zero so that loading is complete and deterministic
     state["pooler.dense.weight"] = np.zeros((hidden, hidden), np.float32)

