@@ -117,6 +117,8 @@ def read(path: Path) -> tuple[dict, list[tuple[str, float]], dict[str, np.ndarra
         name = reader.data[reader.at:reader.at + length].decode()
         reader.at += length
         dtype, count, offset, _nbytes = reader.take("BIQQ")
+        if dtype not in (_Q4, _F32):
+            raise ValueError(f"{path}: tensor {name} has an unknown dtype {dtype}")
         tensors[name] = (_dequantised(data, offset, count) if dtype == _Q4
                          else np.frombuffer(data, "<f4", count, offset).copy())
     config = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": hidden,
