@@ -40,6 +40,8 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs (finetuned)")
     train.add_argument("--max-minutes", type=float, default=20.0,
                        help="time budget of the fine-tune: fewer epochs when it binds (finetuned)")
+    train.add_argument("--layers", type=int,
+                       help="keep the encoder's first N layers (default all): cheaper to train and to run (finetuned)")
     train.add_argument("--frozen-layers", type=int, default=0,
                        help="the encoder's lowest layers left as pretrained, with its embeddings (finetuned)")
     train.add_argument("--diluted-fraction", type=float, default=0.1,
@@ -104,7 +106,7 @@ def _train_gate(args: argparse.Namespace) -> int:
     try:
         train_gate(GateTraining(args.gate_data, args.out, model=args.model or "finetuned", alpha=args.alpha,
                                 delta=args.delta, epochs=args.epochs, max_minutes=args.max_minutes,
-                                frozen_layers=args.frozen_layers,
+                                layers=args.layers, frozen_layers=args.frozen_layers,
                                 diluted_fraction=args.diluted_fraction, obfuscated_fraction=args.obfuscated_fraction,
                                 encoder=args.encoder, C=args.C,
                                 seed=args.seed, entities=args.entities, entities_top_k=args.entities_top_k,

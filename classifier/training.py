@@ -21,6 +21,7 @@ class GateTraining:
     delta: float = 0.1
     epochs: int = 4
     max_minutes: float = 20.0
+    layers: int | None = None  # finetuned: the encoder's first layers kept (None: all)
     frozen_layers: int = 0  # finetuned: the encoder's lowest layers kept as pretrained
     diluted_fraction: float = 0.1
     obfuscated_fraction: float = 0.1  # obfuscated copies of the training split's forget prompts
@@ -100,7 +101,8 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
 
         vocabulary = job.gate_data / "terms" / "forget.txt"
         classifier: Any = FineTunedClassifier(job.encoder or GATE_ENCODER, epochs=job.epochs,
-                                              max_minutes=job.max_minutes, frozen_layers=job.frozen_layers,
+                                              max_minutes=job.max_minutes, layers=job.layers,
+                                              frozen_layers=job.frozen_layers,
                                               random_state=job.seed, runtime=job.runtime,
                                               terms=read_terms(vocabulary) if vocabulary.is_file() else ())
         classifier.fit(texts, labels, progress=True)

@@ -108,6 +108,30 @@ def test_frozen_layers_stay_as_pretrained_and_the_rest_learn(fitted):
     assert not torch.equal(everything["encoder.layer.0.output.dense.weight"], pretrained["encoder.layer.0.output.dense.weight"])
 
 
+
+def test_layers_keeps_the_encoders_first_layers_and_the_artifact_builds_that_depth(tmp_path):
+    from transformers import AutoModel
+
+    from classifier.encoder import resolve_encoder_path
+
+    pretrained = AutoModel.from_pretrained(resolve_encoder_path(DEFAULT_ENCODER)).state_dict()
+    texts, labels = SKY[:8] + KITCHEN[:8], [1] * 8 + [0] * 8
+    cut = FineTunedClassifier(**{**TINY, "layers": 2, "frozen_layers": 1}).fit(texts, labels)
+    assert len(cut.model_.encoder.encoder.layer) == 2 and cut.bert_config_["num_hidden_layers"] == 2
+    state = {name.removeprefix("encoder."): t for name, t in cut.model_.state_dict().items()}
+    assert torch.equal(state["encoder.layer.0.output.dense.weight"], pretrained["encoder.layer.0.output.dense.weight"])
+    assert not any(name.startswith("encoder.layer.2.") for name in state)
+    prompts, calibration_labels, groups = _calibration_prompts()
+    cut.calibrate(prompts, calibration_labels, groups, alpha=0.2, delta=0.2).save(tmp_path / "cut")
+    loaded = FineTunedClassifier.load(tmp_path / "cut")
+    assert loaded.hyperparameters()["layers"] == 2 and len(loaded.model_.encoder.encoder.layer) == 2
+    held_out = SKY[1::2] + KITCHEN[1::2]
+    np.testing.assert_allclose(loaded.score(held_out), cut.score(held_out), atol=1e-6)
+    for bad, field in (({"layers": 7}, "layers"), ({"layers": 0}, "layers"), ({"layers": 2, "frozen_layers": 3},
+                                                                                "frozen_layers")):
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            FineTunedClassifier(**{**TINY, **bad}).fit(texts, labels)
+
 def test_artifact_round_trip_without_pickle(fitted, tmp_path):
     fitted.entities_ = ["Andromeda", "Saturn"]
     artifact = fitted.save(tmp_path / "artifact")
