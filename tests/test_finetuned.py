@@ -108,7 +108,6 @@ def test_frozen_layers_stay_as_pretrained_and_the_rest_learn(fitted):
     assert not torch.equal(everything["encoder.layer.0.output.dense.weight"], pretrained["encoder.layer.0.output.dense.weight"])
 
 
-
 def test_layers_keeps_the_encoders_first_layers_and_the_artifact_builds_that_depth(tmp_path):
     from transformers import AutoModel
 
@@ -131,6 +130,7 @@ def test_layers_keeps_the_encoders_first_layers_and_the_artifact_builds_that_dep
                                                                                 "frozen_layers")):
         with pytest.raises(ValueError, match=f"^{field}: "):
             FineTunedClassifier(**{**TINY, **bad}).fit(texts, labels)
+
 
 def test_artifact_round_trip_without_pickle(fitted, tmp_path):
     fitted.entities_ = ["Andromeda", "Saturn"]
