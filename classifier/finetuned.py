@@ -220,6 +220,7 @@ class FineTunedClassifier:
             raise ValueError(f"runtime: {self.runtime!r} is not one of {', '.join(RUNTIMES)}")
         started = time.monotonic()
         source = resolve_encoder_path(self.encoder)
+        layers = self._layers_kept(source)  # checked before the minutes of tokenising and the first stage
         tokenizer = AutoTokenizer.from_pretrained(source)
         bags = [text_pieces(text) for text in texts]
         pieces = list(dict.fromkeys(piece for bag in bags for piece in bag))
@@ -230,7 +231,7 @@ class FineTunedClassifier:
             torch.manual_seed(self.random_state)
             rng = np.random.default_rng(self.random_state)
             stage1 = self._fit_stage1(bags, labels)
-            model = _SequenceClassifier(self._pretrained_encoder(source))
+            model = _SequenceClassifier(self._pretrained_encoder(source, layers))
             history = self._fine_tune(model, token_ids, tokenizer.pad_token_id, bag_rows, labels,
                                       stage1.decision(pieces), rng, started, progress)
         self.model_ = model.eval()
@@ -249,18 +250,25 @@ class FineTunedClassifier:
         self._scorer = None
         return self.fit_vocabulary(self.terms, [text for text, label in zip(texts, labels) if label == 0])
 
-    def _pretrained_encoder(self, source: Path) -> torch.nn.Module:
-        """The encoder as pretrained, cut to its first `layers` layers (loaded whole, then cut, so that
-        transformers does not report the layers left out as unexpected weights)."""
-        from transformers import AutoModel
+    def _layers_kept(self, source: Path) -> int:
+        """How many of the encoder's layers the gate keeps: `layers`, checked against its depth, or all."""
+        from transformers import AutoConfig
 
-        encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
-        depth = encoder.config.num_hidden_layers
+        depth = AutoConfig.from_pretrained(source).num_hidden_layers
         layers = depth if self.layers is None else self.layers
         if not 1 <= layers <= depth:
             raise ValueError(f"layers: the encoder {self.encoder!r} has {depth} layers, got {self.layers}")
         if not 0 <= self.frozen_layers <= layers:
             raise ValueError(f"frozen_layers: at most the {layers} layers kept, got {self.frozen_layers}")
+        return layers
+
+    @staticmethod
+    def _pretrained_encoder(source: Path, layers: int) -> torch.nn.Module:
+        """The encoder as pretrained, cut to its first `layers` layers (loaded whole, then cut, so that
+        transformers does not report the layers left out as unexpected weights)."""
+        from transformers import AutoModel
+
+        encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
         encoder.encoder.layer = encoder.encoder.layer[:layers]
         encoder.config.num_hidden_layers = layers
         return encoder

@@ -46,6 +46,16 @@ def fitted() -> FineTunedClassifier:
     return classifier.calibrate(prompts, labels, groups, alpha=0.2, delta=0.2)
 
 
+@pytest.fixture(scope="module")
+def pretrained() -> dict[str, torch.Tensor]:
+    """The small encoder's weights as pretrained, for the tests of what fine-tuning leaves alone."""
+    from transformers import AutoModel
+
+    from classifier.encoder import resolve_encoder_path
+
+    return AutoModel.from_pretrained(resolve_encoder_path(DEFAULT_ENCODER)).state_dict()
+
+
 def test_a_tiny_fine_tune_learns_a_separable_task(fitted):
     held_out = SKY[1::2] + KITCHEN[1::2]
     assert roc_auc_score([1] * 30 + [0] * 30, fitted.score(held_out)) > 0.95
@@ -90,12 +100,7 @@ def test_a_binding_time_budget_spends_what_is_left_on_a_partial_epoch(monkeypatc
     assert per_epoch < history["steps"] < 2 * per_epoch
 
 
-def test_frozen_layers_stay_as_pretrained_and_the_rest_learn(fitted):
-    from transformers import AutoModel
-
-    from classifier.encoder import resolve_encoder_path
-
-    pretrained = AutoModel.from_pretrained(resolve_encoder_path(DEFAULT_ENCODER)).state_dict()
+def test_frozen_layers_stay_as_pretrained_and_the_rest_learn(fitted, pretrained):
     texts, labels = SKY[:8] + KITCHEN[:8], [1] * 8 + [0] * 8
     tuned = FineTunedClassifier(**{**TINY, "frozen_layers": 2}).fit(texts, labels)
     assert tuned.hyperparameters()["frozen_layers"] == 2
@@ -108,12 +113,7 @@ def test_frozen_layers_stay_as_pretrained_and_the_rest_learn(fitted):
     assert not torch.equal(everything["encoder.layer.0.output.dense.weight"], pretrained["encoder.layer.0.output.dense.weight"])
 
 
-def test_layers_keeps_the_encoders_first_layers_and_the_artifact_builds_that_depth(tmp_path):
-    from transformers import AutoModel
-
-    from classifier.encoder import resolve_encoder_path
-
-    pretrained = AutoModel.from_pretrained(resolve_encoder_path(DEFAULT_ENCODER)).state_dict()
+def test_layers_keeps_the_encoders_first_layers_and_the_artifact_builds_that_depth(pretrained, tmp_path):
     texts, labels = SKY[:8] + KITCHEN[:8], [1] * 8 + [0] * 8
     cut = FineTunedClassifier(**{**TINY, "layers": 2, "frozen_layers": 1}).fit(texts, labels)
     assert len(cut.model_.encoder.encoder.layer) == 2 and cut.bert_config_["num_hidden_layers"] == 2
