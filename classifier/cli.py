@@ -48,6 +48,9 @@ def register(groups: argparse._SubParsersAction) -> None:
                        help="diluted forget prompts added to each split, as a fraction of its forget records")
     train.add_argument("--obfuscated-fraction", type=float, default=0.1,
                        help="obfuscated copies of the training split's forget prompts, as a fraction of them")
+    train.add_argument("--misspelt-fraction", type=float, default=0.0,
+                       help="copies of the training split's forget prompts with a name or two misspelt, as a "
+                       "fraction of them")
     train.add_argument("--encoder", help=f"{GATE_ENCODER} (finetuned's default), {DEFAULT_ENCODER} (logistic's "
                        "default) or a sentence-transformers directory")
     train.add_argument("--C", type=float, default=10.0, help="inverse regularisation strength (logistic)")
@@ -108,7 +111,7 @@ def _train_gate(args: argparse.Namespace) -> int:
                                 delta=args.delta, epochs=args.epochs, max_minutes=args.max_minutes,
                                 layers=args.layers, frozen_layers=args.frozen_layers,
                                 diluted_fraction=args.diluted_fraction, obfuscated_fraction=args.obfuscated_fraction,
-                                encoder=args.encoder, C=args.C,
+                                misspelt_fraction=args.misspelt_fraction, encoder=args.encoder, C=args.C,
                                 seed=args.seed, entities=args.entities, entities_top_k=args.entities_top_k,
                                 runtime=args.runtime))
     except (OSError, ValueError) as exc:

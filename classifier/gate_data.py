@@ -1,5 +1,5 @@
 """The gate's data (demo/<target>/gate/{train,test}/*.jsonl): validated records, a split by cluster,
-and the augmentations made from the training split (diluted texts and obfuscated spellings).
+and the augmentations made from the training split (diluted texts, obfuscated and misspelt spellings).
 
 A cluster is the unit that must never straddle two splits (one entity, template or source), so
 near-variants of one prompt cannot leak from training into calibration.
@@ -258,9 +258,52 @@ def obfuscate(text: str, rng: random.Random) -> str:
     return "".join(pieces) + text[at:]
 
 
-def obfuscated(forget_records: Sequence[GateRecord], n: int, seed: int) -> list[GateRecord]:
-    """n forget records of group "obfuscated": a forget text with some of its words disguised (`obfuscate`),
-    so that the encoder also learns the spellings no reading undoes. Deterministic for a seed."""
+_VOWELS = "aeiouy"
+
+
+def _misspell(word: str, rng: random.Random) -> str:
+    """One slip of the pen past the first letter: a letter dropped, doubled or swapped with its
+    neighbour, a vowel for another, or the end cut off (as a nickname does)."""
+    inner = range(1, len(word) - 1)
+    at = rng.choice(inner)
+    slip = rng.choice(("drop", "double", "swap", "vowel", "cut"))
+    if slip == "drop":
+        return word[:at] + word[at + 1:]
+    if slip == "double":
+        return word[:at] + word[at] + word[at:]
+    if slip == "swap":
+        return word[:at] + word[at + 1] + word[at] + word[at + 2:]
+    vowels = [i for i in inner if word[i].lower() in _VOWELS]
+    if slip == "vowel" and vowels:
+        i = rng.choice(vowels)
+        return word[:i] + rng.choice([v for v in _VOWELS if v != word[i].lower()]) + word[i + 1:]
+    return word[:max(4, len(word) - rng.randint(2, 4))]
+
+
+def misspell(text: str, rng: random.Random) -> str:
+    """The text with one or two of its words (names first: capitalised, not opening a sentence)
+    misspelt (`_misspell`): the slips no normalised reading undoes, unlike `obfuscate`'s disguises."""
+    words = list(_WORD_TOKEN.finditer(text))
+    if not words:
+        return text
+    named = [m for m in words if m.group()[0].isupper() and text[:m.start()].rstrip()[-1:] not in ("", ".", "!", "?")]
+    named = named or words
+    chosen = sorted(rng.sample(named, min(len(named), rng.randint(1, 2))), key=lambda m: m.start())
+    pieces, at = [], 0
+    for match in chosen:
+        pieces += [text[at:match.start()], _misspell(match.group(), rng)]
+        at = match.end()
+    return "".join(pieces) + text[at:]
+
+
+def obfuscated(forget_records: Sequence[GateRecord], n: int, seed: int, disguise: str = "obfuscated"
+               ) -> list[GateRecord]:
+    """n forget records of group "obfuscated": a forget text with some of its words disguised
+    (`disguise`: "obfuscated" by `obfuscate` or "misspelt" by `misspell`), so that the encoder also
+    learns the spellings no reading undoes. Deterministic for a seed."""
+    method = {"obfuscated": obfuscate, "misspelt": misspell}.get(disguise)
+    if method is None:
+        raise ValueError(f"disguise must be obfuscated or misspelt, not {disguise!r}")
     short = [r for r in forget_records if r.messages is None]
     if n and not short:
         raise ValueError("obfuscated needs forget records with a text")
@@ -268,6 +311,6 @@ def obfuscated(forget_records: Sequence[GateRecord], n: int, seed: int) -> list[
     made = []
     for _ in range(n):
         target = rng.choice(short)
-        made.append(GateRecord(obfuscate(target.text, rng), "forget", "obfuscated", target.cluster, target.lang,
-                               None, f"obfuscated(seed={seed})"))
+        made.append(GateRecord(method(target.text, rng), "forget", "obfuscated", target.cluster, target.lang,
+                               None, f"{disguise}(seed={seed})"))
     return made

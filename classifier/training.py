@@ -25,6 +25,7 @@ class GateTraining:
     frozen_layers: int = 0  # finetuned: the encoder's lowest layers kept as pretrained
     diluted_fraction: float = 0.1
     obfuscated_fraction: float = 0.1  # obfuscated copies of the training split's forget prompts
+    misspelt_fraction: float = 0.0  # misspelt copies of them
     encoder: str | None = None  # default: GATE_ENCODER (finetuned), DEFAULT_ENCODER (logistic)
     C: float = 10.0  # logistic only
     seed: int = 0
@@ -91,6 +92,8 @@ def train_gate(job: GateTraining, log: Any = print) -> dict[str, Any]:
     splits = gate_splits(job.gate_data, job.seed, job.diluted_fraction)
     forget = [r for r in splits["train"] if r.label == "forget" and r.group != "diluted"]
     splits["train"] += obfuscated(forget, round(job.obfuscated_fraction * len(forget)), seed=job.seed)
+    splits["train"] += obfuscated(forget, round(job.misspelt_fraction * len(forget)), seed=job.seed,
+                                  disguise="misspelt")
     for name, records in splits.items():
         log(f"{name:12s} {counts(records)}")
     train, calibration = splits["train"], splits["calibration"]

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 
-from classifier.gate_data import (GateRecord, chat_transcript, diluted, load_records, obfuscate, obfuscated,
+from classifier.gate_data import (GateRecord, chat_transcript, diluted, load_records, misspell, obfuscate, obfuscated,
                                   split_by_cluster)
 from classifier.normalize import variants
 from classifier.segments import word_count
@@ -117,6 +117,22 @@ def test_obfuscated_copies_are_forget_records_of_their_source_cluster_and_skip_c
     assert {(r.label, r.group, r.cluster, r.messages) for r in made} == {("forget", "obfuscated", "direct:potions", None)}
     assert all(r.text != source[0].text for r in made)
     assert obfuscated([], 0, seed=1) == []
+
+
+def test_misspelt_copies_slip_on_names_in_ways_no_reading_undoes():
+    rng = random.Random(0)
+    text = "What does Dumbledore keep in his office?"
+    slipped = [misspell(text, rng) for _ in range(100)]
+    assert len(set(slipped)) > 30
+    for copy in slipped:
+        assert copy.startswith("What does D") and copy.endswith(" keep in his office?")
+        assert all(v.casefold() != text.casefold() for v in variants(copy))
+    source = [GateRecord(text, "forget", "direct", "direct:office")]
+    made = obfuscated(source, 20, seed=2, disguise="misspelt")
+    assert made == obfuscated(source, 20, seed=2, disguise="misspelt")
+    assert {(r.group, r.cluster, r.source) for r in made} == {("obfuscated", "direct:office", "misspelt(seed=2)")}
+    with pytest.raises(ValueError, match="misspelt"):
+        obfuscated(source, 1, seed=2, disguise="typos")
 
 
 def test_the_target_vocabulary_joins_the_training_split_only(tmp_path):
