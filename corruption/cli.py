@@ -56,8 +56,9 @@ def register(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--tolerance", type=float, default=0.0, help="stop when |score - goal| <= this")
     search = train.add_argument_group(
         "two-sided search (with --counterfactual)",
-        "Learns the smallest strengths whose probe answer rate, per probe kind, is at most the upper 95% Wilson "
-        "bound of the twins' uncorrupted rate, while the share of degenerate continuations (empty, or one word "
+        "Learns the smallest strengths whose probe answer rate, per probe kind, lies inside the 95% Wilson "
+        "interval of the twins' uncorrupted rate (above it: not forgotten; below it: a guess a model that never "
+        "learned makes, erased), while the share of degenerate continuations (empty, or one word "
         "3-gram three times) stays within --fluency-bound of the uncorrupted model's; then re-measures the learned "
         "corruption under --spread-keys other noise keys.")
     search.add_argument("--learn", nargs="+", choices=["sigma", "other_sigma", "value"], default=["sigma"],
@@ -82,6 +83,10 @@ def register(groups: argparse._SubParsersAction) -> None:
                         help="how the probes and twins are asked: as completion prompts, as chats rendered with "
                              "the model's template (the model's turn begins with the probe), or both; every "
                              "route and kind must meet its own twins' reference")
+    search.add_argument("--probability-goal", action="store_true",
+                        help="also hold, per kind, the mean probability of continuing with the answer (from "
+                             "the top-20 logprobs) within the upper 95%% Wilson bound of the twins' mean: what a "
+                             "client sampling at temperature 1 would get, which greedy answers hide")
     train.add_argument("--samples", type=int, default=2, help="noise draws per probe")
     train.add_argument("--max-tokens", type=int, default=8, help="tokens generated per probe")
     train.add_argument("--embedding-scale", type=float, help="input-embedding scale for an unknown architecture")
@@ -124,7 +129,8 @@ def _train(args: argparse.Namespace) -> int:
         mu=args.mu, tolerance=args.tolerance, learn=tuple(args.learn), fluency_bound=args.fluency_bound,
         fluency_probes=args.fluency_probes, fluency_tokens=args.fluency_tokens, bisections=args.bisections,
         spread_keys=args.spread_keys, candidates=tuple(args.candidates),
-        fluency_check_prompts=args.fluency_check_prompts, routes=tuple(args.routes), samples=args.samples,
+        fluency_check_prompts=args.fluency_check_prompts, routes=tuple(args.routes),
+        probability_goal=args.probability_goal, samples=args.samples,
         max_tokens=args.max_tokens, embedding_scale=args.embedding_scale,
         skip_embedding_check=args.skip_embedding_check, seed=args.seed)
     try:

@@ -7,8 +7,9 @@ would do:
 
 - probes: the share of knowledge probes whose completion contains the answer. With counterfactual
   twins (corruption/counterfactual.py) the two-sided search (`search`) learns the smallest
-  corruption whose rate per probe kind is at most the upper Wilson bound of the twins' uncorrupted
-  rate (`answers_by_kind`), while the share of degenerate continuations (corruption/fluency.py)
+  corruption whose rate per probe kind lies inside the Wilson interval of the twins' uncorrupted
+  rate (`answers_by_kind`; and, if asked, whose probability of continuing with the answer is at most
+  the twins' bound), while the share of degenerate continuations (corruption/fluency.py)
   stays within a bound of the uncorrupted model's; without them the line search (`train`) drives
   the rate to one goal (the control probes', about invented things the model cannot know);
 - mc: multiple-choice accuracy, driven to chance. The pick is the option letter with the highest
@@ -19,16 +20,17 @@ would do:
   not count as forgetting.
 
 The line search minimises |score(strength) - goal|; the two-sided search, the weighted excess of
-each kind's rate over its bound plus the degenerate rate's excess over its bound (zero: met).
+each kind's rate outside its interval plus the degenerate rate's excess over its bound (zero: met).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -121,6 +123,7 @@ class CorruptionTrainer:
         self.check_embeddings = check_embeddings
         self.embedding_check: EmbeddingCheckResult | None = None
         self.special_ids = special_token_ids(tokenizer)
+        self._answer_spellings: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
 
     def with_spec(self, spec: CorruptionSpec) -> "CorruptionTrainer":
         """The same trainer for another corruption (a candidate the search compares): the embedding check already
@@ -158,6 +161,19 @@ class CorruptionTrainer:
         return by_kind([p for p, draws in zip(probes, outputs) for _ in draws],
                        [p.answered_by(text) for p, draws in zip(probes, outputs) for text in draws])
 
+    def answer_probabilities_by_kind(self, probes: Sequence[Probe]) -> dict[str, list[float]]:
+        """Per probe kind, the probability that the uncorrupted model continues each probe with its answer
+        (`answer_probability`). On counterfactual twins, the other side of the reference for "never learned":
+        a client sampling at temperature 1 gets the answer about that often."""
+        choices = self._complete_with([p.prompt for p in probes], None, self.max_tokens, self.secret_key,
+                                      "answer probabilities", logprobs=TOP_LOGPROBS)
+        return by_kind(probes, [answer_probability(self._spellings(p), draws[0]) for p, draws in zip(probes, choices)])
+
+    def _spellings(self, probe: Probe) -> list[tuple[str, ...]]:
+        if probe.answers not in self._answer_spellings:
+            self._answer_spellings[probe.answers] = answer_spellings(self.tokenizer, probe.answers)
+        return self._answer_spellings[probe.answers]
+
     def mc_accuracy(self, questions: Sequence[MultipleChoice], strength: float | Sequence[float] | None) -> float:
         return float(np.mean([pick == q.answer for q, picks in zip(questions, self.mc_picks(questions, strength))
                               for pick in picks]))
@@ -169,7 +185,7 @@ class CorruptionTrainer:
         picks: list[list[int]] = [[] for _ in questions]
         for n_options in sorted({len(q.choices) for q in questions}):  # one allowed set of letters per request
             asked = [i for i, q in enumerate(questions) if len(q.choices) == n_options]
-            choices = iter(self.backend.complete([e for i in asked for e in embeds[i]], 1, logprobs=MC_LOGPROBS,
+            choices = iter(self.backend.complete([e for i in asked for e in embeds[i]], 1, logprobs=TOP_LOGPROBS,
                                                  progress="mc", extra=_letters_only(n_options)))
             for i in asked:
                 picks[i] = [_mc_pick(next(choices), n_options) for _ in embeds[i]]
@@ -206,9 +222,16 @@ class CorruptionTrainer:
 
     def _generate_with(self, prompts: Sequence[str], spec: CorruptionSpec | None, max_tokens: int,
                        secret_key: bytes, progress: str) -> list[list[str]]:
+        return [[choice["text"] for choice in draws]
+                for draws in self._complete_with(prompts, spec, max_tokens, secret_key, progress)]
+
+    def _complete_with(self, prompts: Sequence[str], spec: CorruptionSpec | None, max_tokens: int,
+                       secret_key: bytes, progress: str, logprobs: int | None = None) -> list[list[dict[str, Any]]]:
+        """The backend's choice per prompt and noise draw."""
         embeds = self._corrupted(prompts, spec, secret_key)
-        choices = iter(self.backend.complete([e for draws in embeds for e in draws], max_tokens, progress=progress))
-        return [[next(choices)["text"] for _ in draws] for draws in embeds]
+        choices = iter(self.backend.complete([e for draws in embeds for e in draws], max_tokens, logprobs=logprobs,
+                                             progress=progress))
+        return [[next(choices) for _ in draws] for draws in embeds]
 
     def _encode(self, prompt: str, spec: CorruptionSpec) -> _Encoded:
         """The prompt's token ids (with <bos>, as the backend tokenizes a completion) and the tokens `spec` touches."""
@@ -284,37 +307,52 @@ class CorruptionTrainer:
     # -- the two-sided search ---------------------------------------------------------------
     def search(self, data: Sequence[Probe], reference: Mapping[str, tuple[int, int]], strengths: Sequence[str],
                search: SPSASearch, fluency_bound: float = 0.1, fluency_prompts: int = 16, fluency_tokens: int = 32,
-               spread_keys: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
+               spread_keys: int = 3, probability_reference: Mapping[str, Sequence[float]] | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
         """The smallest corruption (the spec's `strengths`, e.g. sigma and other_sigma, learned from their
-        current values) whose probe answer rate is, for every kind, at most the upper Wilson bound of the
-        counterfactual reference (`reference`: kind -> (successes, n)), while the share of degenerate
+        current values) whose probe answer rate is, for every kind, inside the Wilson interval of the
+        counterfactual reference (`reference`: kind -> (successes, n)): at most its upper bound (forgotten), at
+        least its lower one (what a model that never learned guesses, kept), while the share of degenerate
         continuations (empty or repetitive, `fluency_tokens` long, on the first `fluency_prompts` probes)
-        stays within `fluency_bound` of the uncorrupted model's. Then the learned spec's rates under
-        `spread_keys` other noise keys. ValueError when the data, reference or strengths do not fit."""
+        stays within `fluency_bound` of the uncorrupted model's. With `probability_reference` (kind -> the
+        twins' `answer_probability` values), the mean probability of continuing with the answer must also
+        stay, per kind, within the upper bound of the twins' mean (`mean_upper_bound`). Then the learned
+        spec's rates under `spread_keys` other noise keys. ValueError when the data, reference or strengths
+        do not fit."""
         kinds = [p.kind for p in data]
         if None in kinds:
             raise ValueError("the search needs probes with a kind (eco-proxy corruption counterfactual)")
         if missing := sorted(set(kinds) - set(reference)):
             raise ValueError(f"no counterfactual reference for the probe kinds {missing}")
+        if probability_reference is not None and (missing := sorted(set(kinds) - set(probability_reference))):
+            raise ValueError(f"no answer-probability reference for the probe kinds {missing}")
         initial = [self._strength_field(name) for name in strengths]
-        upper = {kind: wilson_interval(successes, n)[1] for kind, (successes, n) in reference.items()}
+        lower, upper = ({kind: wilson_interval(successes, n)[side] for kind, (successes, n) in reference.items()}
+                        for side in (0, 1))
+        probability_upper = {kind: mean_upper_bound(values) for kind, values in (probability_reference or {}).items()}
         fluency_texts = [p.prompt for p in data[:fluency_prompts]]
         self.verify_backend()
         started = time.monotonic()
 
         def measure(spec: CorruptionSpec | None, secret_key: bytes = self.secret_key) -> _TwoSided:
-            answers = self._generate_with([p.prompt for p in data], spec, self.max_tokens, secret_key, "probes")
-            hits = _hit_shares(data, answers)
+            choices = self._complete_with([p.prompt for p in data], spec, self.max_tokens, secret_key, "probes",
+                                          logprobs=TOP_LOGPROBS if probability_upper else None)
+            hits = _hit_shares(data, [[choice["text"] for choice in draws] for draws in choices])
             grouped = by_kind(data, hits)
+            probabilities = by_kind(data, [float(np.mean([answer_probability(self._spellings(p), c) for c in draws]))
+                                           for p, draws in zip(data, choices)]) if probability_upper else {}
             continuations = self._generate_with(fluency_texts, spec, fluency_tokens, secret_key, "fluency")
             return _TwoSided({k: float(np.mean(h)) for k, h in grouped.items()},
                              {k: len(h) / len(hits) for k, h in grouped.items()},
-                             degenerate_rate([t for draws in continuations for t in draws]))
+                             degenerate_rate([t for draws in continuations for t in draws]),
+                             {k: float(np.mean(v)) for k, v in probabilities.items()})
 
         raw = measure(None)
         ceiling = raw.degenerate + fluency_bound
         log(f"uncorrupted: {_shown(raw.rates)}; degenerate {raw.degenerate:.3f}. Goal: at most "
             f"{_shown(upper)} (upper Wilson bounds of the reference), degenerate at most {ceiling:.3f}")
+        if probability_upper:
+            log(f"answer probability uncorrupted: {_shown(raw.probabilities)}; goal at most {_shown(probability_upper)}")
         measured: dict[tuple[float, ...], _TwoSided] = {}
 
         def spec_at(point: Sequence[float]) -> CorruptionSpec:
@@ -324,7 +362,7 @@ class CorruptionTrainer:
             key = tuple(np.round(point, 6))
             if key not in measured:
                 measured[key] = measure(spec_at(point))
-            return measured[key].reading(upper, ceiling)
+            return measured[key].reading(upper, ceiling, probability_upper, lower)
 
         trace: list[dict[str, Any]] = []
         budget = 1 + 3 * search.max_steps + search.bisections
@@ -333,13 +371,17 @@ class CorruptionTrainer:
                 at = measured[tuple(np.round(entry.strengths, 6))]
                 row = {"evaluation": entry.index, "phase": entry.phase, "step": entry.step,
                        "strengths": dict(zip(strengths, entry.strengths)), "rates_by_kind": at.rates,
+                       "answer_probability_by_kind": at.probabilities or None,
                        "degenerate_rate": at.degenerate, "forget_excess": entry.reading.forget_excess,
-                       "fluency_excess": entry.reading.fluency_excess, "objective": entry.reading.objective,
+                       "fluency_excess": entry.reading.fluency_excess,
+                       "overforget_excess": entry.reading.overforget_excess, "objective": entry.reading.objective,
                        "meets": entry.reading.meets}
                 trace.append(row)
                 bar.update()
                 log(f"{entry.index:>3} {entry.phase:<9} " + " ".join(f"{n} {v:.3f}" for n, v in zip(
-                    strengths, entry.strengths)) + f" | {_shown(at.rates)} | degenerate {at.degenerate:.3f}"
+                    strengths, entry.strengths)) + f" | {_shown(at.rates)}"
+                    + (f" | probability {_shown(at.probabilities)}" if at.probabilities else "")
+                    + f" | degenerate {at.degenerate:.3f}"
                     f" | objective {entry.reading.objective:.3f}{' meets' if entry.reading.meets else ''}")
 
             outcome = search.search(evaluate, initial, on_evaluation)
@@ -355,12 +397,17 @@ class CorruptionTrainer:
             "initial": dict(zip(strengths, initial)),
             "met": outcome.met,
             "stopped": outcome.stopped,
-            "goal": {"forget_upper_by_kind": upper, "reference": {k: {"successes": s, "n": n, "rate": s / n}
+            "goal": {"forget_upper_by_kind": upper, "keep_lower_by_kind": lower, "reference": {k: {"successes": s, "n": n, "rate": s / n}
                                                                   for k, (s, n) in reference.items()},
+                     "answer_probability_upper_by_kind": probability_upper or None,
+                     "answer_probability_reference": {k: float(np.mean(v)) for k, v in
+                                                      probability_reference.items()} if probability_upper else None,
                      "degenerate_at_most": ceiling, "fluency_bound": fluency_bound},
-            "uncorrupted": {"rates_by_kind": raw.rates, "degenerate_rate": raw.degenerate},
-            "final": {"rates_by_kind": final.rates, "degenerate_rate": final.degenerate},
+            "uncorrupted": raw.summary(),
+            "final": final.summary(),
             "spread": {"keys": spread_keys, "rates_by_kind": {k: [m.rates[k] for m in spread] for k in final.rates},
+                       "answer_probability_by_kind": {k: [m.probabilities[k] for m in spread]
+                                                      for k in final.probabilities} or None,
                        "degenerate_rate": [m.degenerate for m in spread]},
             "trace": trace,
             "search": search.settings(),
@@ -388,18 +435,37 @@ class CorruptionTrainer:
 
 @dataclass(frozen=True)
 class _TwoSided:
-    """What one corruption does: the answer rate per probe kind (with each kind's share), and the share of
-    degenerate continuations."""
+    """What one corruption does: the answer rate per probe kind (with each kind's share), the share of
+    degenerate continuations, and (when asked) the mean probability of the answer per kind."""
 
     rates: dict[str, float]
     weights: dict[str, float]
     degenerate: float
+    probabilities: dict[str, float] = field(default_factory=dict)
 
-    def reading(self, upper: Mapping[str, float], ceiling: float) -> Reading:
-        """Only a rate ABOVE its kind's bound is a failure to forget; going below it is the fluency side's
-        business (more noise than needed) and the bisection's."""
-        return Reading(sum(w * max(0.0, self.rates[k] - upper[k]) for k, w in self.weights.items()),
-                       max(0.0, self.degenerate - ceiling))
+    def reading(self, upper: Mapping[str, float], ceiling: float,
+                probability_upper: Mapping[str, float] | None = None,
+                lower: Mapping[str, float] | None = None) -> Reading:
+        """A rate or probability above its kind's upper bound is a failure to forget; a rate below its kind's
+        `lower` bound, one to keep what a model that never learned still guesses (more noise than needed)."""
+        forget = sum(w * max(0.0, self.rates[k] - upper[k]) for k, w in self.weights.items())
+        forget += sum(w * max(0.0, self.probabilities[k] - probability_upper[k])
+                      for k, w in self.weights.items() if probability_upper)
+        overforget = sum(w * max(0.0, lower[k] - self.rates[k]) for k, w in self.weights.items() if lower)
+        return Reading(forget, max(0.0, self.degenerate - ceiling), overforget)
+
+    def summary(self) -> dict[str, Any]:
+        return {"rates_by_kind": self.rates, "answer_probability_by_kind": self.probabilities or None,
+                "degenerate_rate": self.degenerate}
+
+
+def mean_upper_bound(values: Sequence[float]) -> float:
+    """The upper end of the 95% Wilson interval of the mean of values in [0, 1], taken as a rate: a value
+    in [0, 1] varies at most as much as a yes-or-no one of the same mean, so the bound is conservative, and
+    twins whose answers all lie outside the top logprobs (read as 0) still allow a guess, as 0 of n does."""
+    if len(values) == 0:
+        raise ValueError("a mean's bound needs values")
+    return wilson_interval(float(np.sum(values)), len(values))[1]
 
 
 def _hit_shares(probes: Sequence[Probe], outputs: Sequence[Sequence[str]]) -> list[float]:
@@ -411,9 +477,9 @@ def _shown(rates: Mapping[str, float]) -> str:
     return ", ".join(f"{kind} {rate:.3f}" for kind, rate in rates.items())
 
 
-# Logprobs asked per answer: every allowed token (each letter with and without its space, and the bare
-# space the grammar allows before a letter) fits in vLLM's default maximum of 20.
-MC_LOGPROBS = 20
+# Logprobs asked per answer, vLLM's default maximum: every token a multiple-choice answer allows (each letter
+# with and without its space, and the bare space the grammar allows before a letter) fits in it.
+TOP_LOGPROBS = 20
 
 
 def _letters_only(n_options: int) -> dict[str, Any]:
@@ -435,6 +501,36 @@ def _mc_pick(choice: dict[str, Any], n_options: int) -> int:
     if max(logprobs.values()) == -np.inf:
         raise BackendError(f"no option letter among the next-token logprobs {sorted(top[0])[:8]}")
     return max(logprobs, key=logprobs.get)
+
+
+def answer_spellings(tokenizer: Any, answers: Sequence[str]) -> list[tuple[str, ...]]:
+    """Each answer as the model's tokens spell it after a word (with a leading space) and at the start of a
+    line (without), each token as the backend's logprobs show it."""
+    spellings = []
+    for answer in answers:
+        for text in (" " + answer, answer):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            spellings.append(tuple(tokenizer.decode([token]) for token in ids))
+    return list(dict.fromkeys(spelling for spelling in spellings if spelling))
+
+
+def answer_probability(spellings: Sequence[Sequence[str]], choice: Mapping[str, Any]) -> float:
+    """The probability that the continuation begins with an answer, summed over its spellings, from a choice
+    asked with logprobs. Along each spelling, the product of its tokens' probabilities while the greedy
+    continuation follows it (exact when it writes the whole answer); where the continuation turns away, or ends,
+    the product up to there: the probability of the answer's first tokens, an upper bound. A token outside the
+    top logprobs counts as 0."""
+    logprobs = choice.get("logprobs") or {}
+    written, top = logprobs.get("tokens") or [], logprobs.get("top_logprobs") or []
+    total = 0.0
+    for spelling in spellings:
+        probability = 0.0
+        for position, token in enumerate(spelling[:len(top)]):
+            probability = (1.0 if position == 0 else probability) * math.exp((top[position] or {}).get(token, -math.inf))
+            if probability == 0.0 or position >= len(written) or written[position] != token:
+                break
+        total += probability
+    return min(total, 1.0)
 
 
 def _as_strength(strength: float | Sequence[float]) -> float | list[float]:

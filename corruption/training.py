@@ -55,6 +55,8 @@ class CorruptionTraining:
     # how the search asks its probes and twins: "completion" (the prompt as it is), "chat" (rendered with the
     # template, as `eco-proxy eval` asks its chat probes); each route is held to its own reference per kind
     routes: tuple[str, ...] = ("completion",)
+    # also hold the mean probability of continuing with the answer, per kind, to the twins' (its upper bound)
+    probability_goal: bool = False
     steps: int = 12
     lr: float = 0.5
     mu: float = 0.3
@@ -103,6 +105,8 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
         raise ValueError(f"--routes takes one or both of {', '.join(ROUTES)}, not {' '.join(job.routes) or 'none'}")
     if "chat" in job.routes and not twins:
         raise ValueError("--routes chat needs --counterfactual (the two-sided search holds each route to its twins)")
+    if job.probability_goal and not twins:
+        raise ValueError("--probability-goal needs --counterfactual (the twins' answer probability is its reference)")
     if job.fluency_check_prompts and len(job.candidates) < 2:
         raise ValueError("--fluency-check-prompts needs two --candidates or more (the check chooses between them)")
     check_prompts = read_prompts(job.fluency_check_prompts) if job.fluency_check_prompts \
@@ -135,6 +139,7 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
             reference = {kind: (sum(hits), len(hits)) for kind, hits in trainer.answers_by_kind(twins).items()}
             log("counterfactual twins answered uncorrupted (the reference): " + ", ".join(
                 f"{kind} {s}/{n} = {s / n:.3f}" for kind, (s, n) in reference.items()))
+            probability_reference = trainer.answer_probabilities_by_kind(twins) if job.probability_goal else None
             searchers = [trainer] if not job.candidates else [
                 trainer.with_spec(_candidate_spec(spec, method, candidate_dims or embeddings.hidden_size, job.initial,
                                                   embeddings.hidden_size)) for method, candidate_dims in job.candidates]
@@ -147,7 +152,8 @@ def train_corruption(job: CorruptionTraining, log: Any = print) -> dict[str, Any
                                     seed=job.seed)
                 results.append(searcher.search(data, reference, job.learn, search, fluency_bound=job.fluency_bound,
                                                fluency_prompts=job.fluency_probes, fluency_tokens=job.fluency_tokens,
-                                               spread_keys=job.spread_keys, log=log))
+                                               spread_keys=job.spread_keys,
+                                               probability_reference=probability_reference, log=log))
             result = results[0]
             if len(results) > 1:
                 _check_fluency(trainer, check_prompts, results, job.fluency_tokens, log)

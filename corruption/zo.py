@@ -125,10 +125,17 @@ class Reading:
 
     forget_excess: float  # the answer rate above what a model that never learned would give
     fluency_excess: float  # the degenerate-output rate above what the uncorrupted model gives, past its bound
+    # the answer rate below what a model that never learned would give: guessable answers lost to the noise
+    overforget_excess: float = 0.0
 
     @property
     def objective(self) -> float:
-        return self.forget_excess + self.fluency_excess
+        return self.forget_excess + self.fluency_excess + self.overforget_excess
+
+    @property
+    def keep_excess(self) -> float:
+        """How far the side that too much corruption breaks misses: fluency, and guessable answers kept."""
+        return self.fluency_excess + self.overforget_excess
 
     @property
     def meets(self) -> bool:
@@ -222,7 +229,7 @@ class SPSASearch:
             if abs(difference) > self.noise_floor:
                 uphill = difference * signs  # SPSA's gradient estimate, up to its length (1/sign == sign)
             else:  # a plateau: the side that misses says which way the whole corruption should go
-                uphill = -np.sign(current.forget_excess - current.fluency_excess) * np.ones_like(theta)
+                uphill = -np.sign(current.forget_excess - current.keep_excess) * np.ones_like(theta)
             norm = float(np.linalg.norm(uphill))
             if norm > 0:
                 theta = np.minimum(theta - a_k * uphill / norm, upper)

@@ -54,14 +54,14 @@ def corruption_job(backend_url: str, model_dir: Path, target: Path, probes: Path
     the rest of the prompt, <bos> and the template stay as they are, as in a twin) by the two-sided search, once
     for each place the noise may go (every dimension, the 64 largest, or one at a large strength, as the paper
     does for WMDP), and keeps the most fluent; the probes are asked as completions and as chats, each route held
-    to its twins' reference. One without learns one strength on every token towards its
-    control probes' rate."""
+    to its twins' reference, by the answer rate and by the probability of continuing with the answer. One
+    without learns one strength on every token towards its control probes' rate."""
     names = target / "counterfactual_names.json"
     if names.exists():
         return CorruptionTraining(backend_url, model_dir, target / "corruption.json", probes=probes,
                                   counterfactual=target / "counterfactual_probes.jsonl", scope="entities",
                                   entities=names, initial=2.0, steps=8, bisections=5, samples=2,
-                                  routes=("completion", "chat"),
+                                  routes=("completion", "chat"), probability_goal=True,
                                   candidates=(("gaussian_first_n", None), ("gaussian_top_k", 64),
                                               ("gaussian_first_n", 1)))
     return CorruptionTraining(backend_url, model_dir, target / "corruption.json", probes=probes,

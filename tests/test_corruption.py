@@ -16,8 +16,10 @@ from corruption.probes import MultipleChoice, Probe
 from corruption.prompt import token_masks
 from corruption.scope import entity_mask
 from corruption.spec import CorruptionSpec, Method
-from corruption.trainer import MC_LOGPROBS, _letters_only, _mc_pick
+from corruption.trainer import (TOP_LOGPROBS, _letters_only, _mc_pick, _TwoSided, answer_probability, answer_spellings,
+                              mean_upper_bound)
 from corruption.zo import Reading, SPSASearch, ZerothOrderOptimizer
+from stats.intervals import wilson_interval
 from vllm_client import BackendError
 
 pytestmark = pytest.mark.unit
@@ -202,9 +204,67 @@ def test_probe_answer_matching_and_multiple_choice_pick():
         _mc_pick({"logprobs": {"top_logprobs": [{" the": -0.1}]}}, 4)
 
 
+class _PieceTokenizer:
+    """Spells "Dumbledore" as the model does, a letter first: " D", "umbled", "ore"."""
+
+    PIECES = {" Dumbledore": [" D", "umbled", "ore"], "Dumbledore": ["D", "umbled", "ore"], " seven": [" seven"],
+              "seven": ["seven"]}
+
+    def __init__(self):
+        self.vocabulary = sorted({p for pieces in self.PIECES.values() for p in pieces})
+
+    def __call__(self, text, add_special_tokens):
+        assert not add_special_tokens
+        return {"input_ids": [self.vocabulary.index(p) for p in self.PIECES[text]]}
+
+    def decode(self, ids):
+        return "".join(self.vocabulary[i] for i in ids)
+
+
+def test_the_answer_probability_follows_the_answer_token_by_token():
+    spellings = answer_spellings(_PieceTokenizer(), ("Dumbledore",))
+    assert spellings == [(" D", "umbled", "ore"), ("D", "umbled", "ore")]
+    followed = {"logprobs": {"tokens": [" D", "umbled", "ore", "."],
+                             "top_logprobs": [{" D": -0.5, "D": -3.0, " Potter": -1.5}, {"umbled": -0.1, "ement": -4.0},
+                                              {"ore": 0.0}, {".": -0.2}]}}
+    # " D" then "umbled" then "ore": exact; the bare "D" turns away at once, so its first token alone counts
+    assert answer_probability(spellings, followed) == pytest.approx(np.exp(-0.6) + np.exp(-3.0))
+    turned = {"logprobs": {"tokens": [" Potter", ","], "top_logprobs": [{" Potter": -0.4, " D": -1.2}, {",": -0.1}]}}
+    assert answer_probability(spellings, turned) == pytest.approx(np.exp(-1.2))  # a bound: the first token's
+    assert answer_probability(spellings, {"logprobs": {"tokens": [" the"], "top_logprobs": [{" the": -0.1}]}}) == 0.0
+    assert answer_probability(spellings, {"logprobs": None}) == 0.0
+    assert answer_probability(answer_spellings(_PieceTokenizer(), ("seven",)),
+                              {"logprobs": {"tokens": [" seven"], "top_logprobs": [{" seven": -0.2}]}}) == \
+        pytest.approx(np.exp(-0.2))
+
+
+def test_the_search_reading_holds_answer_probabilities_to_their_bound_only_when_asked():
+    reading = _TwoSided({"named": 0.1, "common": 0.4}, {"named": 0.5, "common": 0.5}, 0.2,
+                        {"named": 0.30, "common": 0.10})
+    assert reading.reading({"named": 0.2, "common": 0.5}, 0.3).meets  # rates alone: met
+    asked = reading.reading({"named": 0.2, "common": 0.5}, 0.3, {"named": 0.05, "common": 0.2})
+    assert not asked.meets and asked.forget_excess == pytest.approx(0.5 * 0.25)
+    assert mean_upper_bound([0.0] * 30) == pytest.approx(0.114, abs=0.001)  # as 0 of 30 answered: a guess allowed
+    assert mean_upper_bound([1.0, 0.0, 0.0, 1.0]) == wilson_interval(2, 4)[1]  # yes-or-no values: the rate's bound
+    assert mean_upper_bound([0.1, 0.3]) > mean_upper_bound([0.0, 0.2]) > 0.1
+    with pytest.raises(ValueError, match="needs values"):
+        mean_upper_bound([])
+
+
+def test_the_probability_goal_needs_counterfactual_twins(tmp_path):
+    from corruption.training import CorruptionTraining, train_corruption
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "Harry's owl is", "answers": ["Hedwig"]}) + "\n")
+    job = CorruptionTraining("http://127.0.0.1:9", tmp_path, tmp_path / "out.json", probes=probes,
+                             probability_goal=True)
+    with pytest.raises(ValueError, match="--probability-goal needs --counterfactual"):
+        train_corruption(job)
+
+
 def test_mc_requests_allow_only_the_option_letters():
     assert _letters_only(3) == {"structured_outputs": {"choice": [" A", "A", " B", "B", " C", "C"]}}
-    assert 2 * len(MultipleChoice.LETTERS) + 1 <= MC_LOGPROBS  # every allowed token's logprob comes back
+    assert 2 * len(MultipleChoice.LETTERS) + 1 <= TOP_LOGPROBS  # every allowed token's logprob comes back
 
 
 def test_fluency_report():
@@ -298,6 +358,17 @@ def test_spsa_in_one_dimension_crosses_a_plateau():
     met = next(e for e in result.evaluations if e.reading.meets)
     assert result.met and 2.0 <= result.strengths[0] <= 2.0 + met.strengths[0] / 2 ** 6
     assert [e.phase for e in result.evaluations][:4] == ["start", "spsa+", "spsa-", "step"]
+
+
+def test_spsa_steps_down_from_a_corruption_that_also_erases_what_a_model_never_taught_would_guess():
+    def goal(point: np.ndarray) -> Reading:  # the rate must stay inside the reference's interval [0.1, 0.3]
+        rate = 1 / (1 + point[0])
+        return Reading(max(0.0, rate - 0.3), 0.0, max(0.0, 0.1 - rate))
+
+    result = SPSASearch(max_steps=8, bisections=4).search(goal, [20.0])
+    assert not result.evaluations[0].reading.meets and result.evaluations[0].reading.keep_excess > 0
+    assert result.met and 0.1 <= 1 / (1 + result.strengths[0]) <= 0.3
+    assert all(e.strengths[0] < 20.0 for e in result.evaluations if e.phase == "step")
 
 
 def test_spsa_reports_a_goal_it_cannot_meet():

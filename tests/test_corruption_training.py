@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -11,7 +12,7 @@ from corruption.counterfactual import twins_of
 from corruption.embeddings import EmbeddingTable
 from corruption.probes import MultipleChoice, Probe, read_multiple_choice
 from corruption.spec import CorruptionSpec
-from corruption.trainer import CorruptionTrainer, EmbedsBackend, _mc_pick
+from corruption.trainer import CorruptionTrainer, EmbedsBackend, _mc_pick, mean_upper_bound
 from corruption.zo import SPSASearch, ZerothOrderOptimizer
 from evaluation.metrics import answer_rate_by_kind
 from proxy.cli import main
@@ -116,6 +117,33 @@ def test_two_sided_search_runs_through_the_backend(backend):
     assert result["final"]["rates_by_kind"]["named"] <= result["goal"]["forget_upper_by_kind"]["named"]
     assert 0 < result["learned"]["sigma"] <= 2.0 and result["spec"]["sigma"] == result["learned"]["sigma"]
     assert len(result["spread"]["rates_by_kind"]["named"]) == 2
+
+
+def test_the_search_holds_the_answer_probability_to_the_twins_when_asked(backend):
+    """The uncorrupted model gives the answers of facts it knows a high probability as the next token and the
+    twins' invented answers next to none; a search held to that reference reads the probability at every point,
+    and a point whose probability lies above the bound does not meet the goal."""
+    named = [Probe(p.prompt, p.answers, "named") for p in PROBES]
+    twins = [t for t in twins_of(DEMO / "counterfactual_probes.jsonl", [Probe(p, ("-",)) for p in TWINNED])
+             if t.kind == "named"]
+    trainer = CorruptionTrainer(
+        EmbedsBackend(backend.url), AutoTokenizer.from_pretrained(backend.model_dir),
+        EmbeddingTable.from_model_dir(backend.model_dir),
+        CorruptionSpec(method="gaussian_first_n", dims=640, sigma=2.0), samples=1)
+    known = trainer.answer_probabilities_by_kind(named)["named"]
+    invented = trainer.answer_probabilities_by_kind(twins)["named"]
+    assert min(known) > 0.2 and max(invented) < 0.05, (known, invented)
+    result = trainer.search(named, {"named": (0, 2)}, ["sigma"], SPSASearch(max_steps=1, bisections=2),
+                            fluency_bound=1.0, fluency_prompts=2, fluency_tokens=8, spread_keys=1,
+                            probability_reference={"named": invented}, log=lambda _: None)
+    bound = result["goal"]["answer_probability_upper_by_kind"]["named"]
+    assert bound == mean_upper_bound(invented)
+    assert result["uncorrupted"]["answer_probability_by_kind"]["named"] == pytest.approx(np.mean(known), abs=0.03)
+    for row in result["trace"]:
+        probability = row["answer_probability_by_kind"]["named"]
+        assert 0 <= probability <= 1
+        assert not (probability > bound and row["meets"])
+    assert len(result["spread"]["answer_probability_by_kind"]["named"]) == 1
 
 
 def test_the_trainer_chooses_where_the_noise_goes_among_candidates(backend, tmp_path):

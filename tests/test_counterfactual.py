@@ -145,3 +145,6 @@ def test_only_a_rate_above_its_kinds_bound_counts_weighed_by_the_kinds_share():
     assert reading.forget_excess == pytest.approx(0.75 * 0.3)  # common below its bound: no credit, no blame
     assert reading.fluency_excess == pytest.approx(0.1) and not reading.meets
     assert measured.reading({"named": 0.4, "common": 0.3}, ceiling=0.3).meets  # at the bounds: met
+    lowered = measured.reading({"named": 0.4, "common": 0.8}, ceiling=0.3, lower={"named": 0.0, "common": 0.5})
+    assert lowered.forget_excess == 0 and lowered.fluency_excess == 0 and not lowered.meets
+    assert lowered.overforget_excess == pytest.approx(0.25 * 0.2) == lowered.keep_excess  # common under its guess
