@@ -10,7 +10,7 @@ import hashlib
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -251,9 +251,15 @@ def obfuscate(text: str, rng: random.Random) -> str:
     method = rng.choice(_OBFUSCATIONS)
     named = [m for m in words if m.group()[0].isupper()] or words
     chosen = sorted(rng.sample(named, min(len(named), rng.randint(1, 3))), key=lambda m: m.start())
+    return _rewritten(text, chosen, method, rng)
+
+
+def _rewritten(text: str, chosen: Sequence[re.Match[str]], rewrite: Callable[[str, random.Random], str],
+               rng: random.Random) -> str:
+    """The text with each chosen word (in order) replaced by rewrite(word, rng)."""
     pieces, at = [], 0
     for match in chosen:
-        pieces += [text[at:match.start()], method(match.group(), rng)]
+        pieces += [text[at:match.start()], rewrite(match.group(), rng)]
         at = match.end()
     return "".join(pieces) + text[at:]
 
@@ -289,11 +295,7 @@ def misspell(text: str, rng: random.Random) -> str:
     named = [m for m in words if m.group()[0].isupper() and text[:m.start()].rstrip()[-1:] not in ("", ".", "!", "?")]
     named = named or words
     chosen = sorted(rng.sample(named, min(len(named), rng.randint(1, 2))), key=lambda m: m.start())
-    pieces, at = [], 0
-    for match in chosen:
-        pieces += [text[at:match.start()], _misspell(match.group(), rng)]
-        at = match.end()
-    return "".join(pieces) + text[at:]
+    return _rewritten(text, chosen, _misspell, rng)
 
 
 def obfuscated(forget_records: Sequence[GateRecord], n: int, seed: int, disguise: str = "obfuscated"
