@@ -350,9 +350,11 @@ class CorruptionTrainer:
         raw = measure(None)
         ceiling = raw.degenerate + fluency_bound
         log(f"uncorrupted: {_shown(raw.rates)}; degenerate {raw.degenerate:.3f}. Goal: at most "
-            f"{_shown(upper)} (upper Wilson bounds of the reference), degenerate at most {ceiling:.3f}")
+            f"{_shown(upper)} and at least {_shown(lower)} (the reference's Wilson bounds), degenerate at most "
+            f"{ceiling:.3f}")
         if probability_upper:
-            log(f"answer probability uncorrupted: {_shown(raw.probabilities)}; goal at most {_shown(probability_upper)}")
+            log(f"answer probability uncorrupted: {_shown(raw.probabilities)}; goal at most "
+                f"{_shown(probability_upper)}")
         measured: dict[tuple[float, ...], _TwoSided] = {}
 
         def spec_at(point: Sequence[float]) -> CorruptionSpec:
@@ -397,8 +399,8 @@ class CorruptionTrainer:
             "initial": dict(zip(strengths, initial)),
             "met": outcome.met,
             "stopped": outcome.stopped,
-            "goal": {"forget_upper_by_kind": upper, "keep_lower_by_kind": lower, "reference": {k: {"successes": s, "n": n, "rate": s / n}
-                                                                  for k, (s, n) in reference.items()},
+            "goal": {"forget_upper_by_kind": upper, "keep_lower_by_kind": lower,
+                     "reference": {k: {"successes": s, "n": n, "rate": s / n} for k, (s, n) in reference.items()},
                      "answer_probability_upper_by_kind": probability_upper or None,
                      "answer_probability_reference": {k: float(np.mean(v)) for k, v in
                                                       probability_reference.items()} if probability_upper else None,
@@ -526,7 +528,8 @@ def answer_probability(spellings: Sequence[Sequence[str]], choice: Mapping[str, 
     for spelling in spellings:
         probability = 0.0
         for position, token in enumerate(spelling[:len(top)]):
-            probability = (1.0 if position == 0 else probability) * math.exp((top[position] or {}).get(token, -math.inf))
+            logprob = (top[position] or {}).get(token, -math.inf)
+            probability = (1.0 if position == 0 else probability) * math.exp(logprob)
             if probability == 0.0 or position >= len(written) or written[position] != token:
                 break
         total += probability
