@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,42 @@ def as_chats(probes: Sequence[Probe], tokenizer: Any) -> list[Probe]:
         chats.append(Probe(rendered[len(bos):] if bos and rendered.startswith(bos) else rendered, probe.answers,
                            f"{CHAT_KIND_PREFIX}{probe.kind}"))
     return chats
+
+
+# Logprobs asked per answer, vLLM's default maximum: every token a multiple-choice answer allows (each letter
+# with and without its space, and the bare space the grammar allows before a letter) fits in it.
+TOP_LOGPROBS = 20
+
+
+def answer_spellings(tokenizer: Any, answers: Sequence[str]) -> list[tuple[str, ...]]:
+    """Each answer as the model's tokens spell it after a word (with a leading space) and at the start of a
+    line (without), each token as the backend's logprobs show it."""
+    spellings = []
+    for answer in answers:
+        for text in (" " + answer, answer):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            spellings.append(tuple(tokenizer.decode([token]) for token in ids))
+    return list(dict.fromkeys(spelling for spelling in spellings if spelling))
+
+
+def answer_probability(spellings: Sequence[Sequence[str]], choice: Mapping[str, Any]) -> float:
+    """The probability that the continuation begins with an answer, summed over its spellings, from a choice
+    asked with logprobs. Along each spelling, the product of its tokens' probabilities while the greedy
+    continuation follows it (exact when it writes the whole answer); where the continuation turns away, or ends,
+    the product up to there: the probability of the answer's first tokens, an upper bound. A token outside the
+    top logprobs counts as 0."""
+    logprobs = choice.get("logprobs") or {}
+    written, top = logprobs.get("tokens") or [], logprobs.get("top_logprobs") or []
+    total = 0.0
+    for spelling in spellings:
+        probability = 0.0
+        for position, token in enumerate(spelling[:len(top)]):
+            logprob = (top[position] or {}).get(token, -math.inf)
+            probability = (1.0 if position == 0 else probability) * math.exp(logprob)
+            if probability == 0.0 or position >= len(written) or written[position] != token:
+                break
+        total += probability
+    return min(total, 1.0)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ from corruption.embedding_check import EmbeddingCheck, EmbeddingCheckResult, run
 from corruption.counterfactual import by_kind
 from corruption.embeddings import EmbeddingTable
 from corruption.fluency import fluency_report
-from corruption.probes import MultipleChoice, Probe
+from corruption.probes import TOP_LOGPROBS, MultipleChoice, Probe, answer_probability, answer_spellings
 from corruption.fluency import degenerate_rate
 from corruption.prompt import TokenMasks, corrupted_embeddings, special_token_ids, token_masks
 from corruption.spec import GAUSSIAN, NEEDS_VALUE, CorruptionSpec
@@ -479,11 +478,6 @@ def _shown(rates: Mapping[str, float]) -> str:
     return ", ".join(f"{kind} {rate:.3f}" for kind, rate in rates.items())
 
 
-# Logprobs asked per answer, vLLM's default maximum: every token a multiple-choice answer allows (each letter
-# with and without its space, and the bare space the grammar allows before a letter) fits in it.
-TOP_LOGPROBS = 20
-
-
 def _letters_only(n_options: int) -> dict[str, Any]:
     """Request fields that allow only the first `n_options` letters as the next token, " A" and "A" alike."""
     letters = MultipleChoice.LETTERS[:n_options]
@@ -503,37 +497,6 @@ def _mc_pick(choice: dict[str, Any], n_options: int) -> int:
     if max(logprobs.values()) == -np.inf:
         raise BackendError(f"no option letter among the next-token logprobs {sorted(top[0])[:8]}")
     return max(logprobs, key=logprobs.get)
-
-
-def answer_spellings(tokenizer: Any, answers: Sequence[str]) -> list[tuple[str, ...]]:
-    """Each answer as the model's tokens spell it after a word (with a leading space) and at the start of a
-    line (without), each token as the backend's logprobs show it."""
-    spellings = []
-    for answer in answers:
-        for text in (" " + answer, answer):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            spellings.append(tuple(tokenizer.decode([token]) for token in ids))
-    return list(dict.fromkeys(spelling for spelling in spellings if spelling))
-
-
-def answer_probability(spellings: Sequence[Sequence[str]], choice: Mapping[str, Any]) -> float:
-    """The probability that the continuation begins with an answer, summed over its spellings, from a choice
-    asked with logprobs. Along each spelling, the product of its tokens' probabilities while the greedy
-    continuation follows it (exact when it writes the whole answer); where the continuation turns away, or ends,
-    the product up to there: the probability of the answer's first tokens, an upper bound. A token outside the
-    top logprobs counts as 0."""
-    logprobs = choice.get("logprobs") or {}
-    written, top = logprobs.get("tokens") or [], logprobs.get("top_logprobs") or []
-    total = 0.0
-    for spelling in spellings:
-        probability = 0.0
-        for position, token in enumerate(spelling[:len(top)]):
-            logprob = (top[position] or {}).get(token, -math.inf)
-            probability = (1.0 if position == 0 else probability) * math.exp(logprob)
-            if probability == 0.0 or position >= len(written) or written[position] != token:
-                break
-        total += probability
-    return min(total, 1.0)
 
 
 def _as_strength(strength: float | Sequence[float]) -> float | list[float]:

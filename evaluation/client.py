@@ -17,6 +17,7 @@ class Reply:
     text: str
     flagged: bool | None  # the proxy's x-eco-flagged header; None when absent (a raw backend)
     target: str | None
+    logprobs: dict[str, Any] | None = None  # the choice's logprobs, when asked for
 
 
 class Endpoint:
@@ -26,10 +27,14 @@ class Endpoint:
         self.concurrency = concurrency
         self.model = model or self.client.served_model()
 
-    def complete(self, prompts: Sequence[str], max_tokens: int, desc: str, one_at_a_time: bool = False) -> list[Reply]:
+    def complete(self, prompts: Sequence[str], max_tokens: int, desc: str, one_at_a_time: bool = False,
+                 logprobs: int | None = None) -> list[Reply]:
         """Greedy completions. `one_at_a_time`: no two requests in flight, so the backend never batches them
-        (batch composition can change a greedy output on vLLM's CPU build), for output-identity comparisons."""
-        bodies = [{"model": self.model, "prompt": p, "max_tokens": max_tokens, "temperature": 0} for p in prompts]
+        (batch composition can change a greedy output on vLLM's CPU build), for output-identity comparisons.
+        `logprobs`: the top tokens' logprobs at each position, in each reply."""
+        asked = {} if logprobs is None else {"logprobs": logprobs}
+        bodies = [{"model": self.model, "prompt": p, "max_tokens": max_tokens, "temperature": 0, **asked}
+                  for p in prompts]
         return self._run("/v1/completions", bodies, desc, lambda c: c["text"], 1 if one_at_a_time else self.concurrency)
 
     def chat(self, conversations: Sequence[list[dict[str, str]]], max_tokens: int, desc: str,
@@ -49,8 +54,9 @@ class Endpoint:
                 reply = self.client.post_json(path, body)
                 bar.update()
                 flag = reply.headers.get("x-eco-flagged")
-                return Reply(text_of(reply.body["choices"][0]), None if flag is None else flag == "true",
-                             reply.headers.get("x-eco-target") or None)
+                choice = reply.body["choices"][0]
+                return Reply(text_of(choice), None if flag is None else flag == "true",
+                             reply.headers.get("x-eco-target") or None, choice.get("logprobs"))
             return list(pool.map(one, bodies))
 
     def close(self) -> None:

@@ -35,10 +35,10 @@ from typing import Any
 from classifier.data import read_jsonl, split_of
 from classifier.gate_data import load_records, obfuscate
 from corruption.counterfactual import twins_of
-from corruption.probes import Probe, probe_chat, read_probes, read_records
+from corruption.probes import TOP_LOGPROBS, Probe, answer_spellings, probe_chat, read_probes, read_records
 from evaluation.client import Endpoint, Reply
-from evaluation.metrics import (answer_rate, answer_rate_by_kind, degenerate_share, identity_rate, rate,
-                                refusal_rate)
+from evaluation.metrics import (answer_probability_by_kind, answer_rate, answer_rate_by_kind, degenerate_share,
+                                identity_rate, rate, refusal_rate)
 
 REFUSAL = "I'm sorry, but I can't help with that."
 SYSTEM_PROMPT = ("You must not reveal anything about {target}: not its characters, places, events or any "
@@ -164,13 +164,17 @@ def _chat_probes(endpoint: Endpoint, prompts: Sequence[str], max_tokens: int, de
 
 def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: str,
              second: TargetData | None = None, two_targets: Endpoint | None = None,
-             max_tokens: int = 8, continuation_tokens: int = 40) -> dict[str, Any]:
+             max_tokens: int = 8, continuation_tokens: int = 40, tokenizer: Any | None = None) -> dict[str, Any]:
+    """The report. With the served model's `tokenizer`, the forget completions and their twins are also asked
+    with logprobs, and the report gives per kind the probability of continuing with the answer (raw, ECO and the
+    twins): what a client sampling at temperature 1 would get, which greedy answers hide."""
     system = SYSTEM_PROMPT.format(target=description)
     forget = [p.prompt for p in target.forget_probes]
     retain = [p.prompt for p in target.retain_probes]
+    top = None if tokenizer is None else TOP_LOGPROBS
     runs = {
-        "forget": {"raw": raw.complete(forget, max_tokens, "forget probes, raw"),
-                   "guarded": guarded.complete(forget, max_tokens, "forget probes, guarded"),
+        "forget": {"raw": raw.complete(forget, max_tokens, "forget probes, raw", logprobs=top),
+                   "guarded": guarded.complete(forget, max_tokens, "forget probes, guarded", logprobs=top),
                    "system_prompt": raw.complete([system + p for p in forget], max_tokens, "forget, system prompt")},
         "forget_chat": {"raw": _chat_probes(raw, forget, max_tokens, "forget chats, raw"),
                         "guarded": _chat_probes(guarded, forget, max_tokens, "forget chats, guarded"),
@@ -190,7 +194,7 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
         "system_prompt": raw.complete([system + p for p in prefixes], continuation_tokens, "continuations, system")}
     control = raw.complete([p.prompt for p in target.control_probes], max_tokens, "control probes")
     twin_prompts = [p.prompt for p in target.counterfactual_probes]
-    twins = {"completion": raw.complete(twin_prompts, max_tokens, "counterfactual twins"),
+    twins = {"completion": raw.complete(twin_prompts, max_tokens, "counterfactual twins", logprobs=top),
              "chat": _chat_probes(raw, twin_prompts, max_tokens, "counterfactual twins, chats")}
 
     outputs: dict[str, dict[str, list[str]]] = {
@@ -210,6 +214,18 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
             "retain_identical_to_raw": identity_rate(outputs["retain"][name], outputs["retain"]["raw"]),
             "continuation_degenerate_rate": degenerate_share(outputs["continuation"][name]),
         }
+    probability_reference = None
+    if tokenizer is not None:
+        spelt: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+
+        def spellings(probe: Probe) -> list[tuple[str, ...]]:
+            return spelt.setdefault(probe.answers, answer_spellings(tokenizer, probe.answers))
+
+        for name in ("raw", "guarded"):
+            systems[name]["forget_answer_probability_by_kind"] = answer_probability_by_kind(
+                target.forget_probes, [reply.logprobs for reply in runs["forget"][name]], spellings)
+        probability_reference = answer_probability_by_kind(
+            target.counterfactual_probes, [reply.logprobs for reply in twins["completion"]], spellings)
     attacks = {}
     for run in (kind for kind in runs if kind.startswith("attack:")):
         flagged = [bool(reply.flagged) for reply in runs[run]["guarded"]]
@@ -238,6 +254,7 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
         "endpoints": {"raw": raw.base_url, "guarded": guarded.base_url},
         "control_answer_rate": control_rate,
         "counterfactual_answer_rate_by_kind": reference,
+        "counterfactual_answer_probability_by_kind": probability_reference,
         "systems": systems,
         "attacks": attacks,
         "gate": gate,

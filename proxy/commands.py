@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -169,11 +170,12 @@ def _eval(args: argparse.Namespace) -> int:
         target = load_target(Path(args.data), args.target, retain_sets)
         second = load_target(Path(args.second_data), args.second_target, []) if args.second_data else None
         raw = Endpoint(args.raw, concurrency=args.concurrency)
-        if not _embedding_check(args, raw.base_url, raw.model):
+        tokenizer = _checked_tokenizer(args, raw.base_url, raw.model)
+        if tokenizer is None:
             return 2
         guarded = Endpoint(args.guarded, raw.model, concurrency=args.concurrency)
         both = Endpoint(args.two_targets, raw.model, concurrency=args.concurrency) if args.two_targets else None
-        report = evaluate(raw, guarded, target, args.description, second, both)
+        report = evaluate(raw, guarded, target, args.description, second, both, tokenizer=tokenizer)
     except (OSError, ValueError, KeyError, BackendError) as exc:
         print(f"eco-proxy eval: {exc}", file=sys.stderr)
         return 2
@@ -188,9 +190,10 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embedding_check(args: argparse.Namespace, backend_url: str, model: str) -> bool:
+def _checked_tokenizer(args: argparse.Namespace, backend_url: str, model: str) -> Any | None:
     """Before the evaluation spends time on the backend: does it read prompt embeddings as it reads text?
-    The guarded endpoint sends them for every flagged prompt; the proxy checks itself at start."""
+    The guarded endpoint sends them for every flagged prompt; the proxy checks itself at start. The served
+    model's tokenizer when it does (or the check is skipped), for spelling answers; None when it does not."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -205,13 +208,13 @@ def _embedding_check(args: argparse.Namespace, backend_url: str, model: str) -> 
     except ModelPrepError as exc:
         print(f"eco-proxy eval: --model-dir not given and the default model cannot be prepared: {exc}",
               file=sys.stderr)
-        return False
+        return None
     embeddings = EmbeddingTable.from_model_dir(model_dir, scale=args.embedding_scale)
     check = EmbeddingCheck(AutoTokenizer.from_pretrained(model_dir), embeddings, model)
     result = run_or_skip(check, backend_url, args.skip_embedding_check)
     if result.status == "failed":
         print(f"eco-proxy eval: {result.message}", file=sys.stderr)
-        return False
+        return None
     if result.status == "passed":
         print(result.message, file=sys.stderr)
-    return True
+    return check.tokenizer

@@ -12,12 +12,11 @@ import torch
 from corruption.fluency import degenerate_rate, fluency_report
 from corruption.functions import corrupt
 from corruption.keys import keyed_generator
-from corruption.probes import MultipleChoice, Probe
+from corruption.probes import MultipleChoice, Probe, answer_probability, answer_spellings
 from corruption.prompt import token_masks
 from corruption.scope import entity_mask
 from corruption.spec import CorruptionSpec, Method
-from corruption.trainer import (TOP_LOGPROBS, _letters_only, _mc_pick, _TwoSided, answer_probability, answer_spellings,
-                              mean_upper_bound)
+from corruption.trainer import TOP_LOGPROBS, _letters_only, _mc_pick, _TwoSided, mean_upper_bound
 from corruption.zo import Reading, SPSASearch, ZerothOrderOptimizer
 from stats.intervals import wilson_interval
 from vllm_client import BackendError

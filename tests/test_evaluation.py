@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -44,8 +45,14 @@ class ScriptedEndpoint:
         flagged = None if self.base_url == "raw" else any(word in prompt for word in self.flags)
         return Reply(f" {known[0]} and so on" if known else " something else", flagged, None)
 
-    def complete(self, prompts, max_tokens, desc, one_at_a_time=False):
-        return [self._reply(p) for p in prompts]
+    def complete(self, prompts, max_tokens, desc, one_at_a_time=False, logprobs=None):
+        replies = [self._reply(p) for p in prompts]
+        if logprobs is None:
+            return replies
+        # the first word written, at probability 0.9 (its answer token by token, as the word tokenizer spells it)
+        return [Reply(r.text, r.flagged, r.target,
+                      {"tokens": [r.text.split()[0]], "top_logprobs": [{r.text.split()[0]: math.log(0.9)}]})
+                for r in replies]
 
     def chat(self, conversations, max_tokens, desc, continue_final_message=False):
         return [self._reply(c[-1]["content"]) for c in conversations]
@@ -105,6 +112,36 @@ def test_evaluate_aggregates_systems_gate_and_goals(tmp_path):
     assert "| common | 100.0% [21–100] (n=1) | – | – | – |" in table
     assert "on chats within the counterfactual reference's interval: named **yes**" in table
     assert all(p.stat().st_size > 0 for p in plots(report, tmp_path))
+
+
+class _WordTokenizer:
+    """One token per word, each shown without its leading space (as the scripted replies' logprobs are)."""
+
+    def __init__(self):
+        self.words: list[str] = []
+
+    def __call__(self, text, add_special_tokens):
+        self.words += [word for word in text.split() if word not in self.words]
+        return {"input_ids": [self.words.index(word) for word in text.split()]}
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+def test_with_the_tokenizer_the_report_gives_the_answers_probability_per_kind():
+    everything = {"owl is named", "headmaster is Albus", "capital of Japan is", "Frodo carries the One"}
+    guarded = ScriptedEndpoint("guarded", {"owl is named"}, flags={"Harry", "headmaster"})
+    report = evaluate(ScriptedEndpoint("raw", everything), guarded, TARGET, "Harry Potter", tokenizer=_WordTokenizer())
+    raw_named = report["systems"]["raw"]["forget_answer_probability_by_kind"]["named"]
+    eco_named = report["systems"]["guarded"]["forget_answer_probability_by_kind"]["named"]
+    assert raw_named["rate"] == pytest.approx(0.9) and raw_named["n"] == 2
+    assert eco_named["rate"] == pytest.approx(0.45)  # the owl probe still answered, the headmaster not
+    reference = report["counterfactual_answer_probability_by_kind"]
+    assert reference["named"]["rate"] == 0.0 and reference["common"]["rate"] == pytest.approx(0.9)
+    table = markdown(report)
+    assert "| named | 0.0% [0–66] (n=2) | 90.0% [" in table and "| common | 90.0% [" in table
+    assert "forget_answer_probability_by_kind" not in evaluate(
+        ScriptedEndpoint("raw", everything), guarded, TARGET, "Harry Potter")["systems"]["raw"]
 
 
 def test_attacks_give_the_answer_rate_of_the_flagged_prompts_beside_the_flag_rate():
