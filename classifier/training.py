@@ -2,6 +2,7 @@
 behind `eco-proxy classifier train --gate-data`, `eco-proxy classifier refit-vocabulary` and the demo build."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,12 @@ class GateTraining:
     entities: Path | None = None  # key terms, one per line; default: derived from the training split
     entities_top_k: int = 40
     runtime: str = DEFAULT_RUNTIME  # finetuned: what it scores and is calibrated with (`classifier.runtime`)
+
+    def __post_init__(self) -> None:
+        for name in ("diluted_fraction", "obfuscated_fraction", "misspelt_fraction"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a fraction of 0 or more, not {value}")
 
 
 TERM_FRAMES_PER_TERM = 2

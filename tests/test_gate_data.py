@@ -135,6 +135,15 @@ def test_misspelt_copies_slip_on_names_in_ways_no_reading_undoes():
         obfuscated(source, 1, seed=2, disguise="typos")
 
 
+@pytest.mark.parametrize("field", ["diluted_fraction", "obfuscated_fraction", "misspelt_fraction"])
+def test_a_negative_augmentation_fraction_is_refused_naming_its_option(tmp_path, field):
+    from classifier.training import GateTraining
+
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')} must be a fraction of 0 or more, not -0.1"):
+        GateTraining(tmp_path, tmp_path / "out", **{field: -0.1})
+    assert GateTraining(tmp_path, tmp_path / "out", **{field: 0.0}).misspelt_fraction == 0.0
+
+
 def test_the_target_vocabulary_joins_the_training_split_only(tmp_path):
     from classifier.training import TERM_FRAMES_PER_TERM, gate_splits
 
