@@ -122,7 +122,6 @@ class CorruptionTrainer:
         self.check_embeddings = check_embeddings
         self.embedding_check: EmbeddingCheckResult | None = None
         self.special_ids = special_token_ids(tokenizer)
-        self._answer_spellings: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
 
     def with_spec(self, spec: CorruptionSpec) -> "CorruptionTrainer":
         """The same trainer for another corruption (a candidate the search compares): the embedding check already
@@ -166,12 +165,8 @@ class CorruptionTrainer:
         a client sampling at temperature 1 gets the answer about that often."""
         choices = self._complete_with([p.prompt for p in probes], None, self.max_tokens, self.secret_key,
                                       "answer probabilities", logprobs=TOP_LOGPROBS)
-        return by_kind(probes, [answer_probability(self._spellings(p), draws[0]) for p, draws in zip(probes, choices)])
-
-    def _spellings(self, probe: Probe) -> list[tuple[str, ...]]:
-        if probe.answers not in self._answer_spellings:
-            self._answer_spellings[probe.answers] = answer_spellings(self.tokenizer, probe.answers)
-        return self._answer_spellings[probe.answers]
+        return by_kind(probes, [answer_probability(answer_spellings(self.tokenizer, p.answers), draws[0])
+                                for p, draws in zip(probes, choices)])
 
     def mc_accuracy(self, questions: Sequence[MultipleChoice], strength: float | Sequence[float] | None) -> float:
         return float(np.mean([pick == q.answer for q, picks in zip(questions, self.mc_picks(questions, strength))
@@ -338,8 +333,9 @@ class CorruptionTrainer:
                                           logprobs=TOP_LOGPROBS if probability_upper else None)
             hits = _hit_shares(data, [[choice["text"] for choice in draws] for draws in choices])
             grouped = by_kind(data, hits)
-            probabilities = by_kind(data, [float(np.mean([answer_probability(self._spellings(p), c) for c in draws]))
-                                           for p, draws in zip(data, choices)]) if probability_upper else {}
+            probabilities = by_kind(data, [
+                float(np.mean([answer_probability(answer_spellings(self.tokenizer, p.answers), c) for c in draws]))
+                for p, draws in zip(data, choices)]) if probability_upper else {}
             continuations = self._generate_with(fluency_texts, spec, fluency_tokens, secret_key, "fluency")
             return _TwoSided({k: float(np.mean(h)) for k, h in grouped.items()},
                              {k: len(h) / len(hits) for k, h in grouped.items()},

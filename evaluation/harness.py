@@ -216,10 +216,8 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
         }
     probability_reference = None
     if tokenizer is not None:
-        spelt: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
-
         def spellings(probe: Probe) -> list[tuple[str, ...]]:
-            return spelt.setdefault(probe.answers, answer_spellings(tokenizer, probe.answers))
+            return answer_spellings(tokenizer, probe.answers)
 
         for name in ("raw", "guarded"):
             systems[name]["forget_answer_probability_by_kind"] = answer_probability_by_kind(
