@@ -17,7 +17,7 @@ class Reply:
     text: str
     flagged: bool | None  # the proxy's x-eco-flagged header; None when absent (a raw backend)
     target: str | None
-    logprobs: dict[str, Any] | None = None  # the choice's logprobs, when asked for
+    logprobs: dict[str, Any] | None = None  # the choice's logprobs when asked for, in the completions' shape
 
 
 class Endpoint:
@@ -38,13 +38,15 @@ class Endpoint:
         return self._run("/v1/completions", bodies, desc, lambda c: c["text"], 1 if one_at_a_time else self.concurrency)
 
     def chat(self, conversations: Sequence[list[dict[str, str]]], max_tokens: int, desc: str,
-             continue_final_message: bool = False) -> list[Reply]:
+             continue_final_message: bool = False, logprobs: int | None = None) -> list[Reply]:
         """Greedy chat answers. `continue_final_message`: each conversation ends with the start of the
-        assistant's answer, which the model goes on with (vLLM's parameter of that name)."""
+        assistant's answer, which the model goes on with (vLLM's parameter of that name). `logprobs`: as in
+        `complete`, each reply's logprobs turned into the completions' shape."""
         continuation = ({"add_generation_prompt": False, "continue_final_message": True}
                         if continue_final_message else {})
-        bodies = [{"model": self.model, "messages": m, "max_tokens": max_tokens, "temperature": 0, **continuation}
-                  for m in conversations]
+        asked = {} if logprobs is None else {"logprobs": True, "top_logprobs": logprobs}
+        bodies = [{"model": self.model, "messages": m, "max_tokens": max_tokens, "temperature": 0, **continuation,
+                   **asked} for m in conversations]
         return self._run("/v1/chat/completions", bodies, desc, lambda c: c["message"]["content"] or "",
                          self.concurrency)
 
@@ -56,8 +58,20 @@ class Endpoint:
                 flag = reply.headers.get("x-eco-flagged")
                 choice = reply.body["choices"][0]
                 return Reply(text_of(choice), None if flag is None else flag == "true",
-                             reply.headers.get("x-eco-target") or None, choice.get("logprobs"))
+                             reply.headers.get("x-eco-target") or None, _completion_shaped(choice.get("logprobs")))
             return list(pool.map(one, bodies))
 
     def close(self) -> None:
         self.client.close()
+
+
+def _completion_shaped(logprobs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A choice's logprobs as /v1/completions gives them (the tokens written, and the top tokens at each
+    position as {token: logprob}); a chat's per-token entries are turned into that shape."""
+    if not logprobs or "content" not in logprobs:
+        return logprobs
+    entries = logprobs["content"] or []
+    return {"tokens": [entry["token"] for entry in entries],
+            "token_logprobs": [entry["logprob"] for entry in entries],
+            "top_logprobs": [{top["token"]: top["logprob"] for top in entry.get("top_logprobs") or []}
+                             for entry in entries]}

@@ -153,21 +153,21 @@ def _flag_rate(replies: Sequence[Reply]) -> dict:
 
 
 def _chat_probes(endpoint: Endpoint, prompts: Sequence[str], max_tokens: int, desc: str,
-                 system: str | None = None) -> list[Reply]:
+                 system: str | None = None, logprobs: int | None = None) -> list[Reply]:
     """Completion probes as chats: the user asks, the assistant's turn begins with the probe and the model
     goes on with it (the demo model is a base model: asked a question in a chat, it repeats it). With
     `system`, the "do not discuss" instruction comes first as a system message."""
     conversations = [([{"role": "system", "content": system.strip()}] if system else []) + probe_chat(p)
                      for p in prompts]
-    return endpoint.chat(conversations, max_tokens, desc, continue_final_message=True)
+    return endpoint.chat(conversations, max_tokens, desc, continue_final_message=True, logprobs=logprobs)
 
 
 def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: str,
              second: TargetData | None = None, two_targets: Endpoint | None = None,
              max_tokens: int = 8, continuation_tokens: int = 40, tokenizer: Any | None = None) -> dict[str, Any]:
-    """The report. With the served model's `tokenizer`, the forget completions and their twins are also asked
-    with logprobs, and the report gives per kind the probability of continuing with the answer (raw, ECO and the
-    twins): what a client sampling at temperature 1 would get, which greedy answers hide."""
+    """The report. With the served model's `tokenizer`, the forget probes and their twins are also asked with
+    logprobs, and the report gives per route and kind the probability of continuing with the answer (raw, ECO
+    and the twins): what a client sampling at temperature 1 would get, which greedy answers hide."""
     system = SYSTEM_PROMPT.format(target=description)
     forget = [p.prompt for p in target.forget_probes]
     retain = [p.prompt for p in target.retain_probes]
@@ -176,8 +176,8 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
         "forget": {"raw": raw.complete(forget, max_tokens, "forget probes, raw", logprobs=top),
                    "guarded": guarded.complete(forget, max_tokens, "forget probes, guarded", logprobs=top),
                    "system_prompt": raw.complete([system + p for p in forget], max_tokens, "forget, system prompt")},
-        "forget_chat": {"raw": _chat_probes(raw, forget, max_tokens, "forget chats, raw"),
-                        "guarded": _chat_probes(guarded, forget, max_tokens, "forget chats, guarded"),
+        "forget_chat": {"raw": _chat_probes(raw, forget, max_tokens, "forget chats, raw", logprobs=top),
+                        "guarded": _chat_probes(guarded, forget, max_tokens, "forget chats, guarded", logprobs=top),
                         "system_prompt": _chat_probes(raw, forget, max_tokens, "forget chats, system prompt", system)},
         "retain": {"raw": raw.complete(retain, max_tokens, "retain probes, raw", one_at_a_time=True),
                    "guarded": guarded.complete(retain, max_tokens, "retain probes, guarded", one_at_a_time=True),
@@ -195,7 +195,7 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
     control = raw.complete([p.prompt for p in target.control_probes], max_tokens, "control probes")
     twin_prompts = [p.prompt for p in target.counterfactual_probes]
     twins = {"completion": raw.complete(twin_prompts, max_tokens, "counterfactual twins", logprobs=top),
-             "chat": _chat_probes(raw, twin_prompts, max_tokens, "counterfactual twins, chats")}
+             "chat": _chat_probes(raw, twin_prompts, max_tokens, "counterfactual twins, chats", logprobs=top)}
 
     outputs: dict[str, dict[str, list[str]]] = {
         kind: {name: _texts(replies) for name, replies in by_system.items()} for kind, by_system in runs.items()}
@@ -219,11 +219,13 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
         def spellings(probe: Probe) -> list[tuple[str, ...]]:
             return answer_spellings(tokenizer, probe.answers)
 
-        for name in ("raw", "guarded"):
-            systems[name]["forget_answer_probability_by_kind"] = answer_probability_by_kind(
-                target.forget_probes, [reply.logprobs for reply in runs["forget"][name]], spellings)
-        probability_reference = answer_probability_by_kind(
-            target.counterfactual_probes, [reply.logprobs for reply in twins["completion"]], spellings)
+        probability_reference = {}
+        for route, key in PROBABILITY_ROUTES.items():
+            for name in ("raw", "guarded"):
+                systems[name][key] = answer_probability_by_kind(
+                    target.forget_probes, [reply.logprobs for reply in runs[FORGET_RUNS[route]][name]], spellings)
+            probability_reference[route] = answer_probability_by_kind(
+                target.counterfactual_probes, [reply.logprobs for reply in twins[route]], spellings)
     attacks = {}
     for run in (kind for kind in runs if kind.startswith("attack:")):
         flagged = [bool(reply.flagged) for reply in runs[run]["guarded"]]
@@ -273,6 +275,9 @@ def evaluate(raw: Endpoint, guarded: Endpoint, target: TargetData, description: 
 
 
 ROUTES = {"completion": "forget_answer_rate_by_kind", "chat": "forget_answer_rate_by_kind_chat"}
+PROBABILITY_ROUTES = {"completion": "forget_answer_probability_by_kind",
+                      "chat": "forget_answer_probability_by_kind_chat"}
+FORGET_RUNS = {"completion": "forget", "chat": "forget_chat"}
 
 
 def _within(reference: dict[str, dict], guarded: dict[str, dict]) -> dict[str, bool]:

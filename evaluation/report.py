@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evaluation.harness import ROUTES
+from evaluation.harness import PROBABILITY_ROUTES, ROUTES
 
 SYSTEM_NAMES = {"raw": "No guard (raw vLLM)", "system_prompt": "System prompt \"do not discuss\"",
                 "refusal": "Classifier + canned refusal", "guarded": "ECO proxy (classifier + corrupted embeddings)"}
@@ -42,15 +42,14 @@ def markdown(report: dict[str, Any]) -> str:
         for kind, entry in reference.items():
             by_system = [report["systems"][name][key].get(kind) for name in ("raw", "refusal", "guarded")]
             lines.append(f"| {kind} | {_pct(entry)} | " + " | ".join(_pct(e) if e else "–" for e in by_system) + " |")
-    probability = report.get("counterfactual_answer_probability_by_kind")
-    if probability:
-        lines += ["", "Probability of continuing with the answer on completions, per probe kind (from the top-20 "
+    for route, reference in (report.get("counterfactual_answer_probability_by_kind") or {}).items():
+        key = PROBABILITY_ROUTES[route]
+        lines += ["", f"Probability of continuing with the answer on {route}s, per probe kind (from the top-20 "
                   "logprobs: what a client sampling at temperature 1 gets; the mean, with the Wilson interval of "
                   "the mean taken as a rate):", "",
                   "| Probe kind | Counterfactual reference | No guard (raw vLLM) | ECO proxy |", "|---|---|---|---|"]
-        for kind, entry in probability.items():
-            by_system = [report["systems"][name]["forget_answer_probability_by_kind"].get(kind)
-                         for name in ("raw", "guarded")]
+        for kind, entry in reference.items():
+            by_system = [report["systems"][name][key].get(kind) for name in ("raw", "guarded")]
             lines.append(f"| {kind} | {_pct(entry)} | " + " | ".join(_pct(e) if e else "–" for e in by_system) + " |")
     if report["attacks"]:
         lines += ["", "Forget probes as an attacker sends them (completions; framed: behind a jailbreak preamble, "

@@ -8,7 +8,7 @@ import pytest
 
 from corruption.probes import Probe
 from evaluation.client import Reply
-from evaluation.harness import TargetData, attacked, evaluate, load_target
+from evaluation.harness import PROBABILITY_ROUTES, TargetData, attacked, evaluate, load_target
 from evaluation.metrics import answer_rate, degenerate_share, identity_rate, refusal_rate
 from evaluation.report import markdown, plots
 
@@ -54,8 +54,8 @@ class ScriptedEndpoint:
                       {"tokens": [r.text.split()[0]], "top_logprobs": [{r.text.split()[0]: math.log(0.9)}]})
                 for r in replies]
 
-    def chat(self, conversations, max_tokens, desc, continue_final_message=False):
-        return [self._reply(c[-1]["content"]) for c in conversations]
+    def chat(self, conversations, max_tokens, desc, continue_final_message=False, logprobs=None):
+        return self.complete([c[-1]["content"] for c in conversations], max_tokens, desc, logprobs=logprobs)
 
 
 ANSWERS = {"owl is named": "Hedwig", "headmaster is Albus": "Dumbledore", "capital of Japan is": "Tokyo",
@@ -136,10 +136,13 @@ def test_with_the_tokenizer_the_report_gives_the_answers_probability_per_kind():
     eco_named = report["systems"]["guarded"]["forget_answer_probability_by_kind"]["named"]
     assert raw_named["rate"] == pytest.approx(0.9) and raw_named["n"] == 2
     assert eco_named["rate"] == pytest.approx(0.45)  # the owl probe still answered, the headmaster not
-    reference = report["counterfactual_answer_probability_by_kind"]
-    assert reference["named"]["rate"] == 0.0 and reference["common"]["rate"] == pytest.approx(0.9)
+    for route, key in PROBABILITY_ROUTES.items():  # the scripted chat answers as the completion does
+        assert report["systems"]["guarded"][key]["named"]["rate"] == pytest.approx(0.45)
+        reference = report["counterfactual_answer_probability_by_kind"][route]
+        assert reference["named"]["rate"] == 0.0 and reference["common"]["rate"] == pytest.approx(0.9)
     table = markdown(report)
-    assert "| named | 0.0% [0–66] (n=2) | 90.0% [" in table and "| common | 90.0% [" in table
+    assert table.count("| named | 0.0% [0–66] (n=2) | 90.0% [") == 2 and table.count("| common | 90.0% [") == 2
+    assert "answer on chats, per probe kind" in table
     assert "forget_answer_probability_by_kind" not in evaluate(
         ScriptedEndpoint("raw", everything), guarded, TARGET, "Harry Potter")["systems"]["raw"]
 

@@ -134,6 +134,36 @@ def test_flagged_chat_has_the_shape_of_an_unflagged_one(proxy, backend, client):
     assert parsed.usage.completion_tokens > 0
 
 
+def test_the_evaluation_reads_the_answers_probability_from_chats(proxy, backend):
+    """`eco-proxy eval` asks its chat probes with logprobs: vLLM's chat shape and the proxy's translation of a
+    flagged answer both read as the completions' shape, and the probability falls where the proxy corrupts."""
+    from transformers import AutoTokenizer
+
+    from corruption.probes import TOP_LOGPROBS, answer_probability, answer_spellings, probe_chat
+    from evaluation.client import Endpoint
+
+    chats = [probe_chat(UNFLAGGED_PROMPT), probe_chat(FLAGGED_PROMPT)]
+    tokenizer = AutoTokenizer.from_pretrained(backend.model_dir)
+    replies = {}
+    for name, url in (("direct", backend.url), ("proxy", proxy.url)):
+        endpoint = Endpoint(url, backend.served_model_name)
+        try:
+            replies[name] = endpoint.chat(chats, 4, name, continue_final_message=True, logprobs=TOP_LOGPROBS)
+        finally:
+            endpoint.close()
+    assert [r.flagged for r in replies["proxy"]] == [False, True]
+    for reply in replies["direct"] + replies["proxy"]:
+        shaped = reply.logprobs
+        assert len(shaped["tokens"]) == len(shaped["top_logprobs"]) == len(shaped["token_logprobs"]) > 0
+        assert all(token in top and len(top) <= TOP_LOGPROBS for token, top in zip(shaped["tokens"],
+                                                                                    shaped["top_logprobs"]))
+    tokyo, hermione = (answer_spellings(tokenizer, answers) for answers in (("Tokyo",), ("Hermione",)))
+    assert answer_probability(tokyo, {"logprobs": replies["proxy"][0].logprobs}) > 0.2
+    known = answer_probability(hermione, {"logprobs": replies["direct"][1].logprobs})
+    corrupted = answer_probability(hermione, {"logprobs": replies["proxy"][1].logprobs})
+    assert known > 0.2 and corrupted < known / 2, (known, corrupted)
+
+
 def test_flagged_chat_stream_well_formed(proxy, backend, client):
     stream = client.chat.completions.create(
         model=backend.served_model_name, messages=[{"role": "user", "content": "Tell me about Hermione Granger."}],
