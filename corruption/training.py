@@ -235,13 +235,19 @@ def _check_fluency(trainer: Any, prompts: Sequence[str], results: Sequence[dict[
 def choose_candidate(results: Sequence[Mapping[str, Any]]) -> int:
     """Which of several searched corruptions to keep: one that met the goal before one that did not; then the
     fewest degenerate continuations in the fluency check (the keep side, which is what fails out of sample:
-    output like a model that does not know, not noise); a tie goes to the smallest worst excess of a kind's rate
-    over its bound under the spread's keys."""
+    output like a model that does not know, not noise); a tie goes to the smallest worst distance, under the
+    spread's keys, by which a kind's rate leaves its reference's interval on either side (or its answer
+    probability exceeds its bound, when that was a goal)."""
     def rank(index: int) -> tuple[bool, float, float]:
         result = results[index]
-        upper = result["goal"]["forget_upper_by_kind"]
-        worst = max(max(rates) - upper[kind] for kind, rates in result["spread"]["rates_by_kind"].items())
-        return not result["met"], result["fluency_check"]["degenerate_rate"], worst
+        goal, spread = result["goal"], result["spread"]
+        upper, lower = goal["forget_upper_by_kind"], goal.get("keep_lower_by_kind", {})
+        outside = [max(max(rates) - upper[kind], lower.get(kind, 0.0) - min(rates))
+                   for kind, rates in spread["rates_by_kind"].items()]
+        bound = goal.get("answer_probability_upper_by_kind") or {}
+        outside += [max(values) - bound[kind] for kind, values in spread.get("answer_probability_by_kind", {}).items()
+                    if kind in bound]
+        return not result["met"], result["fluency_check"]["degenerate_rate"], max(outside)
     return min(range(len(results)), key=rank)
 
 

@@ -378,12 +378,18 @@ def test_spsa_reports_a_goal_it_cannot_meet():
     assert not result.met and result.stopped == "goal not met in 3 steps" and len(result.evaluations) == 10
 
 
-def _searched(met: bool, degenerate: float, spread_named: list[float], search_degenerate: float = 0.0) -> dict:
+def _searched(met: bool, degenerate: float, spread_named: list[float], search_degenerate: float = 0.0,
+              spread_common: tuple[float, ...] = (0.6,), spread_probability: tuple[float, ...] | None = None) -> dict:
     """A search's result as the selection reads it: the fluency check's rate, the search's own key's, and the
-    named probes' rates under the spread's keys."""
+    rates (and, if given, the named answer probabilities) under the spread's keys; references: named at most 0.1,
+    common in [0.4, 0.8], named probability at most 0.1 when asked."""
+    goal = {"forget_upper_by_kind": {"named": 0.1, "common": 0.8}, "keep_lower_by_kind": {"named": 0.0, "common": 0.4}}
+    spread = {"rates_by_kind": {"named": spread_named, "common": list(spread_common)}}
+    if spread_probability is not None:
+        goal["answer_probability_upper_by_kind"] = {"named": 0.1}
+        spread["answer_probability_by_kind"] = {"named": list(spread_probability)}
     return {"met": met, "final": {"degenerate_rate": search_degenerate},
-            "fluency_check": {"degenerate_rate": degenerate}, "goal": {"forget_upper_by_kind": {"named": 0.1}},
-            "spread": {"rates_by_kind": {"named": spread_named}}}
+            "fluency_check": {"degenerate_rate": degenerate}, "goal": goal, "spread": spread}
 
 
 def test_the_trainer_keeps_the_candidate_that_forgets_with_the_most_fluent_output_in_the_fluency_check():
@@ -397,6 +403,10 @@ def test_the_trainer_keeps_the_candidate_that_forgets_with_the_most_fluent_outpu
     steady = _searched(True, 0.1, [0.05, 0.08])
     assert choose_candidate([fluent, steady]) == 1  # as fluent: the one that forgets under every key
     assert choose_candidate([missed]) == 0
+    over_forgets = _searched(True, 0.1, [0.0], spread_common=(0.6, 0.2))  # common under its interval, one key
+    assert choose_candidate([over_forgets, steady]) == 1
+    probable = _searched(True, 0.1, [0.05], spread_probability=(0.05, 0.3))  # named probability over its bound
+    assert choose_candidate([probable, _searched(True, 0.1, [0.09], spread_probability=(0.05, 0.08))]) == 1
 
 
 def test_a_candidate_on_fewer_dimensions_starts_with_the_same_noise_energy_per_token():
