@@ -161,6 +161,30 @@ class _PieceScorer(BatchingRunner):
         return _margins(self.model_forward, token_ids, self.tokenizer.pad_token_id, progress)
 
 
+class _PieceScores:
+    """Prompts' scores under any first-stage threshold, each piece through the encoder at most once: what
+    calibration needs to try a threshold, then another."""
+
+    def __init__(self, classifier: "FineTunedClassifier", prompts: Sequence[Sequence[str]]):
+        self.classifier = classifier
+        self.named = [classifier.named_term(prompt) is not None for prompt in prompts]  # these score 1
+        self.bags = [[] if named else classifier._bag(prompt) for prompt, named in zip(prompts, self.named)]
+        pieces = list(dict.fromkeys(piece for bag in self.bags for piece in bag))
+        self.decision = dict(zip(pieces, classifier.stage1_.decision(pieces).tolist()))
+        self.probability: dict[str, float] = {}
+
+    def scores(self, stage1_threshold: float | None) -> np.ndarray:
+        """The maximum over each prompt's pieces at or above `stage1_threshold` (None: every piece)."""
+        passing = [piece for piece, decision in self.decision.items()
+                   if (stage1_threshold is None or decision >= stage1_threshold) and piece not in self.probability]
+        if passing:
+            self.probability.update(zip(passing, _sigmoid(self.classifier._runner().compute(passing)).tolist()))
+        return np.array([1.0 if named else max((self.probability[piece] for piece in bag
+                                                if stage1_threshold is None or self.decision[piece] >= stage1_threshold),
+                                               default=0.0)
+                         for bag, named in zip(self.bags, self.named)])
+
+
 class FineTunedClassifier:
     """P(forget) of prompts; scikit-learn's estimator contract (fitted state ends with `_`)."""
 
@@ -408,9 +432,14 @@ class FineTunedClassifier:
     # -- calibrate ----------------------------------------------------------------------
     def calibrate(self, prompts: Sequence[Sequence[str]], labels: Sequence[int], groups: Sequence[str],
                   alpha: float = 0.01, delta: float = 0.1) -> "FineTunedClassifier":
-        """Set the first stage's threshold for recall on the forget prompts, then the served threshold:
-        per-group training-conditional thresholds on the retain prompts' scores (Mondrian), their maximum.
-        A prompt is the segments the proxy reads of it (the whole prompt and each message)."""
+        """Set the first stage's threshold, then the served threshold: per-group training-conditional thresholds
+        on the retain prompts' scores (Mondrian), their maximum. A prompt is the segments the proxy reads of it
+        (the whole prompt and each message).
+
+        The first stage only has to keep what the encoder would flag: its recall target counts the forget
+        prompts the encoder flags at a provisional served threshold (calibrated with the first stage set for
+        that recall on every forget prompt), not those the encoder misses anyway, whose few lowest n-gram
+        scores would otherwise set it and send most benign pieces to the encoder."""
         from classifier.calibration import mondrian_threshold
 
         self._check_fitted()
@@ -419,21 +448,31 @@ class FineTunedClassifier:
             raise ValueError("calibration needs forget prompts (for the first stage) and retain prompts")
         # the first stage only has to keep what the vocabulary leaves to the encoder
         forget = [prompt for prompt, label in zip(prompts, labels) if label == 1 and self.named_term(prompt) is None]
-        best = []
-        for prompt in forget:
-            pieces = list(dict.fromkeys(piece for segment in prompt for piece in text_pieces(segment)))
-            best.append(float(self.stage1_.decision(pieces).max()))
-        self.stage1_threshold_ = recall_threshold(best, self.stage1_recall) if best else None
-        scores = self.score_prompts(prompts)
-        retain_by_group: dict[str, list[float]] = {}
-        for score, label, group in zip(scores, labels, groups):
-            if label == 0:
-                retain_by_group.setdefault(group, []).append(float(score))
-        self.threshold_, self.group_thresholds_ = mondrian_threshold(retain_by_group, alpha, delta)
+        best = np.array([float(self.stage1_.decision(self._bag(prompt)).max()) for prompt in forget])
+        retain = [(prompt, group) for prompt, label, group in zip(prompts, labels, groups) if label == 0]
+        retain_pieces = _PieceScores(self, [prompt for prompt, _ in retain])
+
+        def served_threshold(stage1_threshold: float | None) -> tuple[float, dict[str, dict[str, Any]]]:
+            by_group: dict[str, list[float]] = {}
+            for (_, group), score in zip(retain, retain_pieces.scores(stage1_threshold)):
+                by_group.setdefault(group, []).append(score)
+            return mondrian_threshold(by_group, alpha, delta)
+
+        stage1_threshold = recall_threshold(best, self.stage1_recall) if len(best) else None
+        provisional, _ = served_threshold(stage1_threshold)
+        flagged = best[_PieceScores(self, forget).scores(None) >= provisional] if len(best) else best
+        if len(flagged):
+            stage1_threshold = recall_threshold(flagged, self.stage1_recall)
+        self.stage1_threshold_ = stage1_threshold
+        self.threshold_, self.group_thresholds_ = served_threshold(stage1_threshold)
         self.alpha_, self.delta_ = float(alpha), float(delta)
         self.metrics_["calibrated_with"] = runtime_version(self.runtime)
-        self.metrics_["stage1"] = {"recall_target": self.stage1_recall, "threshold": self.stage1_threshold_,
-                                   "forget_kept": float(np.mean(np.asarray(best) >= self.stage1_threshold_)) if best else None}
+        self.metrics_["stage1"] = {
+            "recall_target": self.stage1_recall, "threshold": stage1_threshold,
+            "of_forget_prompts": "flagged by the encoder at the provisional threshold" if len(flagged) else "all",
+            "provisional_threshold": provisional,
+            "flagged_kept": float(np.mean(flagged >= stage1_threshold)) if len(flagged) else None,
+            "forget_kept": float(np.mean(best >= stage1_threshold)) if len(best) else None}
         return self
 
     # -- predict ------------------------------------------------------------------------

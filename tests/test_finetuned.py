@@ -62,7 +62,7 @@ def test_a_tiny_fine_tune_learns_a_separable_task(fitted):
     assert fitted.metrics_["training"]["epochs_run"] == 1 and fitted.metrics_["train_n"]["forget"] == 20
     assert set(fitted.group_thresholds_) == {"recipes", "meals"}
     assert fitted.threshold_ == max(entry["threshold"] for entry in fitted.group_thresholds_.values())
-    assert fitted.metrics_["stage1"]["forget_kept"] >= 0.995
+    assert fitted.metrics_["stage1"]["flagged_kept"] >= 0.995
 
 
 def test_fit_is_deterministic_and_a_saved_fit_scores_bit_for_bit_the_same(tmp_path):
@@ -185,6 +185,26 @@ def test_the_cascade_clears_benign_pieces_without_the_encoder(fitted, tmp_path):
     assert classifier.stage1_.decision(text_pieces(benign)).max() < classifier.stage1_threshold_
     assert classifier.score([benign])[0] == 0.0 and calls == []
     assert classifier.score([SKY[3]])[0] > 0.5 and calls == [[SKY[3]]]
+
+
+def test_the_first_stage_keeps_what_the_encoder_flags_not_what_it_misses_anyway(fitted):
+    from classifier.calibration import mondrian_threshold
+
+    prompts, labels, groups = _calibration_prompts()
+    missed = ["Tell me about a lemon tart."]  # labelled forget, but the encoder reads it as the kitchen it is
+    classifier = fitted.calibrate(prompts + [missed], labels + [1], groups + ["direct"], alpha=0.2, delta=0.2)
+    stage1 = classifier.metrics_["stage1"]
+    assert classifier.score([missed[0]])[0] < stage1["provisional_threshold"]
+    # on every forget prompt, its n-gram score would set the first stage's threshold (too few to miss one)
+    assert classifier.stage1_.decision(text_pieces(missed[0])).max() < classifier.stage1_threshold_
+    assert stage1["flagged_kept"] == 1.0 and stage1["forget_kept"] < 1.0
+    # the served threshold is calibrated on the retain prompts' scores as the classifier then computes them
+    retain = {}
+    for prompt, label, group in zip(prompts, labels, groups):
+        if label == 0:
+            retain.setdefault(group, []).append(float(classifier.score_prompts([prompt])[0]))
+    assert classifier.threshold_ == mondrian_threshold(retain, 0.2, 0.2)[0] <= stage1["provisional_threshold"]
+    fitted.calibrate(*_calibration_prompts(), alpha=0.2, delta=0.2)  # as the other tests expect it
 
 
 def test_recall_threshold_keeps_the_asked_share_of_texts():
