@@ -210,9 +210,10 @@ def _decoded_base64(text: str) -> str:
 @lru_cache(maxsize=1)
 def _upside_down() -> tuple[dict[str, str], re.Pattern[str]]:
     """Each glyph of upside-down writing and the letter it stands for; and a pattern for a word that
-    uses one. The turned letters come from their Unicode names ("LATIN SMALL LETTER TURNED E"); the
-    rest are the stand-ins flip generators use where Unicode has no turned letter, and the letters
-    that are each other's half-turn (n/u, d/p, b/q) once a word is known to be upside down."""
+    uses one, with the words of that kind right after it. The turned letters come from their Unicode
+    names ("LATIN SMALL LETTER TURNED E"); the rest are the stand-ins flip generators use where Unicode
+    has no turned letter, and the letters that are each other's half-turn (n/u, d/p, b/q) once a word
+    is known to be upside down."""
     turned = re.compile(r"(?:LATIN (SMALL|CAPITAL) LETTER|TURNED(?: SANS-SERIF)? (CAPITAL))"
                         r" (?:TURNED )?([A-Z])")
     letters: dict[str, str] = {}
@@ -222,13 +223,15 @@ def _upside_down() -> tuple[dict[str, str], re.Pattern[str]]:
             letters[chr(code)] = match[3] if (match[1] or match[2]) == "CAPITAL" else match[3].lower()
     letters.update({"ɔ": "c", "ƃ": "g", "ɟ": "f", "ɾ": "j", "∀": "A", "Ǝ": "E", "ꓷ": "D", "ꓕ": "T", "Ԁ": "P",
                     "ꓤ": "R", "ꓭ": "B", "ꓘ": "K", "ꓶ": "L"})
-    marked = re.compile(r"[^\W\d_]*[" + re.escape("".join(letters)) + r"][^\W\d_]*")
+    word = r"[^\W\d_]*[" + re.escape("".join(letters)) + r"][^\W\d_]*"
+    marked = re.compile(rf"{word}(?:\s+{word})*")  # a run of such words: turned, their order reverses too
     letters.update({"n": "u", "u": "n", "d": "p", "p": "d", "b": "q", "q": "b"})
     return letters, marked
 
 
 def _turn_upright(text: str) -> str:
-    """Words written upside down ("ǝdɐuS") read upright ("Snape"): reversed, each glyph turned back."""
+    """Words written upside down ("ǝdɐuS") read upright ("Snape"): reversed, each glyph turned back; a run
+    of them turned as one, so that "ɹǝʇʇoԀ ʎɹɹɐH" reads "Harry Potter"."""
     letters, marked = _upside_down()
     return marked.sub(lambda m: "".join(letters.get(c, c) for c in reversed(m.group())), text)
 

@@ -71,6 +71,7 @@ def test_obfuscation_variants(disguised, plain):
     ("What are the s\u01ddxn\u0279\u0254\u0279oH?", "What are the Horcruxes?"),
     ("What did \u01dd\u0279op\u01ddlq\u026fn\ua4f7 leave?", "What did Dumbledore leave?"),  # a Lisu letter for D
     ("where is u\u0250q\u0250\u029ez\u2200", "where is Azkaban"),
+    ("Who is \u0279\u01dd\u0287\u0287o\u0500 \u028e\u0279\u0279\u0250H's wife?", "Who is Harry Potter's wife?"),
 ])
 def test_words_written_upside_down_are_read_upright(disguised, plain):
     assert plain in variants(disguised)
