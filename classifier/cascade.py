@@ -2,9 +2,9 @@
 
 It reads any script (character n-grams need no tokenizer and no vocabulary), costs well
 under a millisecond per piece, and only decides which pieces are worth the encoder: its
-threshold is set for very high recall on the forget prompts the encoder flags, so it clears most
-benign pieces and passes anything the encoder might catch. Hashing is stateless: the fitted state is the
-weight vector and the intercept.
+threshold is set for very high recall on the forget prompts the encoder flags, so it clears
+most benign pieces and passes anything the encoder might catch. Hashing is stateless: the
+fitted state is the weight vector and the intercept.
 """
 from __future__ import annotations
 
