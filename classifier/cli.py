@@ -218,9 +218,11 @@ def _eval_files(args: argparse.Namespace) -> int:
     report["split"] = args.split
     print(f"threshold      {report['threshold']:.4f}  ({args.split} split)")
     if report["n_retain"]:
-        print(f"FPR            {_percent(report['fpr'], report['fpr_ci'])}   on {report['n_retain']} retain prompts")
+        print(f"FPR            {_percent(report['fpr'], report['fpr_ci'])}   "
+              f"{report['retain_flagged']} of {report['n_retain']} retain prompts flagged")
     if report["n_forget"]:
-        print(f"recall         {_percent(report['recall'], report['recall_ci'])}   on {report['n_forget']} forget prompts")
+        print(f"recall         {_percent(report['recall'], report['recall_ci'])}   "
+              f"{report['forget_flagged']} of {report['n_forget']} forget prompts flagged")
     if args.attack:
         print(f"attack recall  {_percent(report['attack_recall'], report['attack_recall_ci'])}   "
               f"on {report['attack_n']} attack prompts")

@@ -44,6 +44,7 @@ def evaluate_texts(classifier: GateClassifier, forget_texts: Sequence[str],
     flagged_forget = rate_with_interval(int((forget > classifier.threshold_).sum()), len(forget))
     report: dict[str, Any] = {
         "threshold": classifier.threshold_, "n_forget": len(forget), "n_retain": len(retain),
+        "retain_flagged": flagged_retain["hits"], "forget_flagged": flagged_forget["hits"],
         "fpr": flagged_retain["rate"], "fpr_ci": flagged_retain["ci"],
         "recall": flagged_forget["rate"], "recall_ci": flagged_forget["ci"],
     }

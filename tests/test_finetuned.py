@@ -327,7 +327,8 @@ def test_cli_measures_a_fine_tuned_gate_on_retain_files_alone(fitted, tmp_path, 
     assert measured["n_retain"] == 10 and measured["fpr"] == flagged / 10 and measured["n_forget"] == 0
     assert measured["attack_recall"] == (fitted.score(SKY[1::2][:4]) > fitted.threshold_).mean()
     lines = printed.splitlines()
-    assert any(line.startswith("FPR") for line in lines) and not any(line.startswith("recall") for line in lines)
+    assert any(line.startswith("FPR") and line.endswith(f"{flagged} of 10 retain prompts flagged") for line in lines)
+    assert not any(line.startswith("recall") for line in lines) and measured["retain_flagged"] == flagged
     assert "auc" not in measured
     assert _run(["classifier", "eval", "--artifact", str(tmp_path / "gate")]) == 2
     assert "--forget and/or --retain" in capsys.readouterr().err
