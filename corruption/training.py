@@ -245,8 +245,8 @@ def choose_candidate(results: Sequence[Mapping[str, Any]]) -> int:
         outside = [max(max(rates) - upper[kind], lower.get(kind, 0.0) - min(rates))
                    for kind, rates in spread["rates_by_kind"].items()]
         bound = goal.get("answer_probability_upper_by_kind") or {}
-        outside += [max(values) - bound[kind] for kind, values in spread.get("answer_probability_by_kind", {}).items()
-                    if kind in bound]
+        probabilities = spread.get("answer_probability_by_kind") or {}  # None when not asked
+        outside += [max(values) - bound[kind] for kind, values in probabilities.items() if kind in bound]
         return not result["met"], result["fluency_check"]["degenerate_rate"], max(outside)
     return min(range(len(results)), key=rank)
 

@@ -384,7 +384,8 @@ def _searched(met: bool, degenerate: float, spread_named: list[float], search_de
     rates (and, if given, the named answer probabilities) under the spread's keys; references: named at most 0.1,
     common in [0.4, 0.8], named probability at most 0.1 when asked."""
     goal = {"forget_upper_by_kind": {"named": 0.1, "common": 0.8}, "keep_lower_by_kind": {"named": 0.0, "common": 0.4}}
-    spread = {"rates_by_kind": {"named": spread_named, "common": list(spread_common)}}
+    spread = {"rates_by_kind": {"named": spread_named, "common": list(spread_common)},
+              "answer_probability_by_kind": None}  # as the trainer writes it when not asked
     if spread_probability is not None:
         goal["answer_probability_upper_by_kind"] = {"named": 0.1}
         spread["answer_probability_by_kind"] = {"named": list(spread_probability)}
