@@ -162,8 +162,8 @@ class _PieceScorer(BatchingRunner):
 
 
 class _PieceScores:
-    """Prompts' scores under any first-stage threshold, each piece through the encoder at most once: what
-    calibration needs to try a threshold, then another."""
+    """Prompts' scores under a first-stage threshold, each piece through the encoder at most once, however many
+    thresholds are tried (calibration tries two)."""
 
     def __init__(self, classifier: "FineTunedClassifier", prompts: Sequence[Sequence[str]]):
         self.classifier = classifier
@@ -173,12 +173,14 @@ class _PieceScores:
         self.decision = dict(zip(pieces, classifier.stage1_.decision(pieces).tolist()))
         self.probability: dict[str, float] = {}
 
-    def scores(self, stage1_threshold: float | None) -> np.ndarray:
-        """The maximum over each prompt's pieces at or above `stage1_threshold` (None: every piece)."""
+    def scores(self, stage1_threshold: float | None, progress: bool = False) -> np.ndarray:
+        """1 for a prompt naming a vocabulary term, else the maximum over its pieces at or above
+        `stage1_threshold` (None: every piece); 0 when the first stage clears them all."""
         passing = [piece for piece, decision in self.decision.items()
                    if (stage1_threshold is None or decision >= stage1_threshold) and piece not in self.probability]
         if passing:
-            self.probability.update(zip(passing, _sigmoid(self.classifier._runner().compute(passing)).tolist()))
+            margins = self.classifier._runner().compute(passing, progress)
+            self.probability.update(zip(passing, _sigmoid(margins).tolist()))
         return np.array([1.0 if named else max((self.probability[piece] for piece in bag
                                                 if stage1_threshold is None or self.decision[piece] >= stage1_threshold),
                                                default=0.0)
@@ -494,14 +496,7 @@ class FineTunedClassifier:
         """P(forget) per prompt (a list of segments): 1 if it names a term of the vocabulary, else the maximum
         over every piece of every segment. Pieces the first stage clears score 0 and never reach the encoder."""
         self._check_fitted()
-        named = [self.named_term(prompt) is not None for prompt in prompts]
-        bags = [[] if sure else self._bag(prompt) for prompt, sure in zip(prompts, named)]
-        pieces = list(dict.fromkeys(piece for bag in bags for piece in bag))
-        passing = [piece for piece, _ in self._passing(pieces)]
-        margins = self._runner().compute(passing, progress) if passing else np.zeros(0, dtype=np.float32)
-        probability = dict(zip(passing, _sigmoid(margins)))
-        return np.array([1.0 if sure else max((probability.get(piece, 0.0) for piece in bag), default=0.0)
-                         for bag, sure in zip(bags, named)])
+        return _PieceScores(self, prompts).scores(self.stage1_threshold_, progress)
 
     def score(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """P(forget) per text: the maximum over its variants and segments."""

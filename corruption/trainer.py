@@ -325,6 +325,7 @@ class CorruptionTrainer:
                         for side in (0, 1))
         probability_upper = {kind: mean_upper_bound(values) for kind, values in (probability_reference or {}).items()}
         fluency_texts = [p.prompt for p in data[:fluency_prompts]]
+        spellings = [answer_spellings(self.tokenizer, p.answers) for p in data] if probability_upper else []
         self.verify_backend()
         started = time.monotonic()
 
@@ -333,9 +334,8 @@ class CorruptionTrainer:
                                           logprobs=TOP_LOGPROBS if probability_upper else None)
             hits = _hit_shares(data, [[choice["text"] for choice in draws] for draws in choices])
             grouped = by_kind(data, hits)
-            probabilities = by_kind(data, [
-                float(np.mean([answer_probability(answer_spellings(self.tokenizer, p.answers), c) for c in draws]))
-                for p, draws in zip(data, choices)]) if probability_upper else {}
+            probabilities = by_kind(data, [float(np.mean([answer_probability(spelt, c) for c in draws]))
+                                           for spelt, draws in zip(spellings, choices)]) if probability_upper else {}
             continuations = self._generate_with(fluency_texts, spec, fluency_tokens, secret_key, "fluency")
             return _TwoSided({k: float(np.mean(h)) for k, h in grouped.items()},
                              {k: len(h) / len(hits) for k, h in grouped.items()},
