@@ -7,7 +7,8 @@ confusables data, through `confusable_homoglyphs`). Genuine non-Latin text keeps
 `variants` adds readings that may or may not be meant: letters spaced apart joined again,
 punctuation inside words dropped, leetspeak read as letters (a "1" as an i, and again as an l),
 words written upside down turned back, a Latin transliteration of other scripts (`anyascii`),
-base64 decoded where it decodes to text, and the ROT13 reading of a text that names ROT13.
+base64 decoded where it decodes to text, the ROT13 reading of a text that names ROT13, and a text
+in Pig Latin ("Arryhay Otterpay") read back, two ways (see `_from_pig_latin`).
 The gate scores every variant and keeps the highest, so a wrong reading costs nothing but a
 score. Plain text takes a fast path and yields itself alone.
 """
@@ -138,6 +139,12 @@ _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z][a-z])")
 # A run long enough to be base64 of a sentence rather than a word or an identifier.
 _BASE64 = re.compile(r"(?<![\w+/=])[A-Za-z0-9+/]{16,}={0,2}(?![\w+/=])")
 _ROT13_NAMED = re.compile(r"\brot[\s\-]?13\b", re.IGNORECASE)
+_WORD_OF_LETTERS = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)?")
+_PIG_LATIN_WORD = re.compile(r"([A-Za-z]*?)-?([^aeiouAEIOU\W\d_]*)ay", re.IGNORECASE)
+# The consonant clusters an English word can start with: the longest one at the end of a Pig Latin stem
+# is one reading of where the word began ("amberch" is "chamber", not "rchambe").
+_ONSETS = frozenset("bl br ch cl cr dr fl fr gl gr kn ph pl pr qu sc sh sk sl sm sn sp st sw th tr tw wh wr "
+                    "sch scr shr spl spr squ str thr".split())
 
 
 def _leet_core(token: str) -> str | None:
@@ -236,6 +243,47 @@ def _turn_upright(text: str) -> str:
     return marked.sub(lambda m: "".join(letters.get(c, c) for c in reversed(m.group())), text)
 
 
+def _looks_like_pig_latin(text: str) -> bool:
+    """Two words or more, and most of them, in the shape of Pig Latin: a vowel first, since the consonants
+    that began the word moved to its end, and "ay" last ("Owhay illedkay", not "Today I may play")."""
+    words = [w.lower() for w in _WORD_OF_LETTERS.findall(text) if len(w) > 2]
+    in_pig_latin = sum(w[0] in "aeiou" and w.endswith("ay") for w in words)
+    return in_pig_latin >= 2 and in_pig_latin * 3 >= len(words) * 2
+
+
+def _capitalised_like(model: str, word: str) -> str:
+    return word[0].upper() + word[1:] if model[:1].isupper() else word
+
+
+def _from_pig_latin(text: str, longest_onset: bool) -> str:
+    """Each word ending in "ay" read back: the consonants before "ay" return to the front ("Otterpay" is
+    "potter", "Oblet-gay" is "goblet"), "way"/"yay" after a vowel-initial word are dropped ("andway" is
+    "and"). Where the word began is ambiguous ("ogwartshay": "h" or "sh"); `longest_onset` takes the
+    longest cluster a word can start with, else one consonant ("qu" counts as one)."""
+    def back(match: re.Match[str]) -> str:
+        word = match.group()
+        if "-" in word:
+            stem, moved = word[:-2].split("-", 1)
+            return _capitalised_like(stem, moved + stem.lower())
+        lower = word.lower()
+        if lower.endswith(("way", "yay")) and lower[0] in "aeiou":
+            return word[:-3]
+        stem = word[:-2]
+        cluster = _PIG_LATIN_WORD.fullmatch(word)[2]  # type: ignore[index]
+        if stem.lower().endswith("qu"):
+            size = 2
+        elif not cluster:
+            return word
+        elif longest_onset:
+            size = max((n for n in range(2, len(cluster) + 1) if cluster[-n:].lower() in _ONSETS), default=1)
+        else:
+            size = 1
+        if size >= len(stem):
+            return word
+        return _capitalised_like(stem, stem[-size:].lower() + stem[:-size].lower())
+    return _WORD_OF_LETTERS.sub(lambda m: back(m) if m.group().lower().endswith("ay") else m.group(), text)
+
+
 def variants(text: str, limit: int = 6) -> list[str]:
     """`canonical(text)` first, then the distinct readings of it that undo obfuscation (at most `limit`)."""
     return list(_variants(text, limit))
@@ -255,6 +303,8 @@ def _variants(text: str, limit: int) -> tuple[str, ...]:
         candidates.insert(1, decoded)
     if _ROT13_NAMED.search(base):
         candidates.insert(1, codecs.encode(base, "rot13"))
+    if _looks_like_pig_latin(base):
+        candidates[1:1] = [_from_pig_latin(base, longest_onset=True), _from_pig_latin(base, longest_onset=False)]
     if _FOREIGN_WORD.search(base):
         candidates.append(_transliterated(base))
         if candidates[1] != base:

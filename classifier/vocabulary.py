@@ -10,7 +10,8 @@ Matching runs on every reading `classifier.normalize.variants` gives, plus two t
 here (ROT13 and the text reversed, where only exact terms count); words compare case-folded,
 hyphens and spaces alike, with a plural on the last word, and a term within one typo: a long
 one-word term ("Expeliarmus", "Quiddtich"), or one word of five letters or more in a longer term
-("wingardium leviossa"), in a text of up to TYPO_MAX_WORDS words. A word as typed that is an ordinary
+("wingardium leviossa"), in a text of up to TYPO_MAX_WORDS words, and such a term with its vowels left out
+("Hrry Pttr", "Vldmrt") where the text shows it by a word of three letters or more without one. A word as typed that is an ordinary
 word of the language ("carrots", "gallows") is never read as a typo of a term ("the Carrows",
 "Deathly Hallows"). Terms written in scripts without spaces (Chinese, Japanese, Korean) match as
 substrings. Words in Cyrillic compare without their case ending ("Поттера" is "Поттер", "таємну
@@ -37,6 +38,8 @@ ANCHORS_PER_PHRASE = 2  # one word of a phrase may be mistyped: another one stil
 # one letter from a long term by accident ("Gunnings", Latin "obscurum"), and misspelling a name is the
 # disguise of a short prompt; in a long text the encoder reads the misspelt sentence.
 TYPO_MAX_WORDS = 200
+_VOWELS = re.compile(r"[aeiou]")
+SKELETON_MIN_LETTERS = 5  # "Snp" (Snape) is also SNP; "Vldmrt" is nothing else
 
 
 _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
@@ -159,6 +162,13 @@ class TermMatcher:
             self._typo_words.setdefault(word, []).append(term)
             for position in range(len(word)):
                 self._deleted.setdefault((word[:position] + word[position + 1:], position), []).append(term)
+        # a term with its vowels left out, where that leaves enough letters to name it
+        self._skeletons: dict[tuple[str, ...], str] = {}
+        for term in typo_terms:
+            skeleton = _skeleton(term_words(term))
+            if skeleton and sum(map(len, skeleton)) >= SKELETON_MIN_LETTERS:
+                self._skeletons.setdefault(skeleton, term)
+        self._longest_skeleton = max(map(len, self._skeletons), default=0)
         sharing = Counter(word for _, words in phrases for word in set(words))
         for term, words in phrases:
             places = sorted(range(len(words)), key=lambda place: (sharing[words[place]], -len(words[place])))
@@ -178,6 +188,8 @@ class TermMatcher:
                 if needle in folded:
                     yield term, False
             words = _words(folded)
+            if typos_count and self._skeletons:
+                yield from ((term, True) for term in self._without_vowels(words))
             for start, word in enumerate(words):
                 if typos_count and len(word) >= TYPO_MIN_LENGTH - 1 and self._deleted:
                     if word not in typos:
@@ -199,6 +211,19 @@ class TermMatcher:
                         yield term, False
                     if phrase not in self._beginnings:
                         break
+
+    def _without_vowels(self, words: list[str]) -> Iterable[str]:
+        """The terms written with their vowels left out, found where one word of three letters or more was
+        typed so (a text that never drops a vowel is not read this way: "hurry patter" is not "Hrry Pttr")."""
+        bare = [len(word) >= 3 and word.isascii() and word.isalpha() and not _VOWELS.search(word) for word in words]
+        if not any(bare):
+            return
+        skeletons = [_VOWELS.sub("", word) if word.isascii() else word for word in words]
+        for start in range(len(words)):
+            for stop in range(start + 1, min(start + self._longest_skeleton, len(words)) + 1):
+                term = self._skeletons.get(tuple(skeletons[start:stop]))
+                if term is not None and any(bare[start:stop]):
+                    yield term
 
     def _ordinary(self, word: str) -> bool:
         """Whether a typed word is an ordinary word of the lexicon, or one inflected ("hollows", "hollowed")."""
@@ -227,6 +252,14 @@ class TermMatcher:
             swapped = word[:position] + word[position + 1] + word[position] + word[position + 2:]
             found.append(self._typo_words.get(swapped, []))
         return list(dict.fromkeys(term for terms in found for term in terms if term_words(term)[0] != word))
+
+
+def _skeleton(words: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The words without their vowels, or None where that leaves a word empty or the term is not in Latin."""
+    if not all(word.isascii() and word.isalpha() for word in words):
+        return None
+    skeleton = tuple(_VOWELS.sub("", word) for word in words)
+    return skeleton if all(skeleton) else None
 
 
 def _mistyped_word(typed: list[str], phrase: tuple[str, ...]) -> str | None:

@@ -3,7 +3,7 @@
 One pydantic schema, validated at load. Paths are relative to the policy file. Loading
 builds every classifier before anything is swapped in, so a reload is all or nothing.
 
-    version: harry-potter-demo-11
+    version: harry-potter-demo-12
     targets:
       - name: harry_potter
         classifier: harry_potter/classifier      # artifact directory

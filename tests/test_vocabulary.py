@@ -35,6 +35,10 @@ def test_terms_a_retain_text_uses_are_dropped_and_typos_are_not_allowed_near_the
     ("H-o-g-w-a-r-t-s", "Hogwarts"),  # letter spacing
     ("Jung vf Ubtjnegf?", "Hogwarts"),  # ROT13
     ("strawgoH", "Hogwarts"),  # reversed
+    ("Is Hgwrts in Scotland?", "Hogwarts"),  # vowels left out
+    ("the Whmpng Wllw", "Whomping Willow"),
+    ("Tell me about Whmpng Willow", "Whomping Willow"),  # one word without them is enough
+    ("Owhay oundedfay Ogwartshay?", "Hogwarts"),  # Pig Latin, through the normalised readings
     ("我想去霍格沃茨上学", "霍格沃茨"),  # unspaced script: a substring
 ])
 def test_readings_and_forms_that_name_a_term(matcher, text, term):
@@ -50,6 +54,8 @@ def test_readings_and_forms_that_name_a_term(matcher, text, term):
     "Goblet of Fyre",  # "fire" is too short for a typo
     "the whompping willlow",  # one typo per term
     "the willow tree",
+    "Whimping Wallow",  # the same consonants, but no word typed without vowels
+    "HGWRT",  # a letter short
 ])
 def test_texts_that_name_no_term(matcher, text):
     assert matcher.find(text) is None
@@ -59,6 +65,12 @@ def test_a_saved_fit_matches_the_same(matcher):
     loaded = TermMatcher.fitted(matcher.terms_, matcher.typo_terms_, matcher.dropped_terms_)
     for text in ["Tell me about hogwarts.", "what does expeliarmus do", "Who was Hermione Lee?", "Dobby weave"]:
         assert loaded.find(text) == matcher.find(text)
+
+
+def test_a_retain_word_without_vowels_stops_a_term_matching_without_them():
+    matcher = TermMatcher(["Voldemort", "Hogwarts"]).fit(["The VLDMRT valve sits next to the pump."])
+    assert matcher.find("Who is Vldmrt?") is None and matcher.find("Is Hgwrts in Scotland?") == "Hogwarts"
+    assert matcher.find("Who is Voldemort?") == "Voldemort"
 
 
 def test_an_ordinary_word_is_never_read_as_a_typo_of_a_term():
