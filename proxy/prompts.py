@@ -45,12 +45,13 @@ class PromptBuilder:
             items = list(raw)
         # As vLLM does for completions: special tokens (<bos>) added unless the request says otherwise.
         add_special_tokens = request.add_special_tokens is not False
-        return [self._completion_prompt(item, add_special_tokens) for item in items]
+        constraints = _constraint_texts(request)
+        return [self._completion_prompt(item, add_special_tokens, constraints) for item in items]
 
-    def _completion_prompt(self, item: str | list[int], add_special_tokens: bool) -> Prompt:
+    def _completion_prompt(self, item: str | list[int], add_special_tokens: bool, constraints: list[str]) -> Prompt:
         if isinstance(item, str):
             encoded = self.tokenizer(item, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-            return Prompt(item, encoded.input_ids, encoded.offset_mapping, (item,))
+            return Prompt(item, encoded.input_ids, encoded.offset_mapping, (item, *constraints))
         # Token ids are decoded and classified like text; never forwarded unread.
         for position, token in enumerate(item):
             if not 0 <= token < self.vocab_size:
@@ -63,7 +64,7 @@ class PromptBuilder:
             position += len(piece)
         text = "".join(pieces)
         decoded = self.tokenizer.decode(item, skip_special_tokens=True)
-        return Prompt(text, list(item), offsets, tuple(dict.fromkeys((text, decoded))))
+        return Prompt(text, list(item), offsets, tuple(dict.fromkeys((text, decoded, *constraints))))
 
     def chat_prompt(self, request: ChatCompletionRequest) -> Prompt:
         messages = [_template_message(m) for m in request.messages]
@@ -75,7 +76,7 @@ class PromptBuilder:
         encoded = self.tokenizer(rendered, add_special_tokens=request.add_special_tokens is True,
                                  return_offsets_mapping=True)
         contents = [m["content"] for m in messages if m["content"]]
-        segments = contents + _field_texts(request)
+        segments = contents + _field_texts(request) + _constraint_texts(request)
         # The conversation is also read as a whole, as the gate was trained to read chats (a target split
         # across messages, a question that only an earlier turn explains), and the rendering itself when the
         # template put more than the message contents into it (names, ids, tools, template arguments).
@@ -134,6 +135,25 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
 
 def _template_tools(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     return None if request.tools is None else [tool.rendered() for tool in request.tools]
+
+
+def _constraint_texts(request: CompletionRequest | ChatCompletionRequest) -> list[str]:
+    """The text of a structured-output constraint (each choice, a regex, a grammar, a JSON schema): what
+    the answer is made to say. The model never reads it as prompt, but a forced answer that names the
+    target ("Harry Potter's godfather is ...") asks about it as surely as a prompt does."""
+    texts: list[str] = []
+    constraints: dict[str, Any] = dict(request.structured_outputs or {})
+    if isinstance(request.response_format, dict):
+        constraints.update({f"response_format.{key}": value for key, value in request.response_format.items()
+                            if key != "type"})
+    for key, value in constraints.items():
+        if key == "choice" and isinstance(value, list):
+            texts += [choice for choice in value if isinstance(choice, str) and choice]
+        elif isinstance(value, str) and value:
+            texts.append(value)
+        elif isinstance(value, (dict, list)) and value:
+            texts.append(json.dumps(value, ensure_ascii=False))
+    return texts
 
 
 def _field_texts(request: ChatCompletionRequest) -> list[str]:

@@ -247,6 +247,19 @@ def test_target_hidden_in_other_messages_is_flagged(proxy, backend, messages):
             assert response.headers["x-eco-flagged"] == "true"
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_an_answer_forced_to_name_the_target_is_flagged_and_still_forced(proxy, backend, path):
+    choices = ["Harry Potter's best friend is Ron Weasley.", "Harry Potter's best friend is Draco Malfoy."]
+    prompt = {"messages": [{"role": "user", "content": "Write one true sentence."}]} if "chat" in path else \
+        {"prompt": "One true sentence:"}
+    response = _post(proxy.url, path, {"model": backend.served_model_name, **prompt, **GREEDY, "max_tokens": 48,
+                                       "structured_outputs": {"choice": choices}})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-eco-flagged"] == "true"
+    choice = response.json()["choices"][0]
+    assert (choice["message"]["content"] if "chat" in path else choice["text"]) in choices
+
+
 @pytest.mark.parametrize("extra", [{"echo": True}, {"prompt_logprobs": 1}])
 def test_prompt_likelihoods_are_never_returned(proxy, backend, extra):
     # Refused for every prompt alike, before the gate: the refusal says nothing of a verdict.

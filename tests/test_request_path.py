@@ -253,6 +253,26 @@ def test_tool_and_format_requests_vllm_refuses_are_refused_on_both_paths(client,
     assert upstream.calls == []
 
 
+@pytest.mark.parametrize("constraint", [
+    {"structured_outputs": {"choice": ["yes", "no", FLAGGED]}},
+    {"structured_outputs": {"regex": f"({FLAGGED}|no)"}},
+    {"structured_outputs": {"json": {"type": "object", "properties": {"a": {"const": FLAGGED}}}}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": [FLAGGED]}}}},
+])
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_an_answer_forced_to_name_the_target_flags_the_request(client, upstream, constraint, endpoint):
+    body, path = (_chat(PLAIN, **constraint), "/v1/chat/completions") if endpoint == "chat" else \
+        (_completion(PLAIN, **constraint), "/v1/completions")
+    response = client.post(path, json=body)
+    assert response.status_code == 200 and response.headers["x-eco-flagged"] == "true"
+    [(_, sent)] = _corrupted(upstream)
+    assert "prompt_embeds" in sent and all(sent[key] == value for key, value in constraint.items())
+    harmless = {key: {"choice": ["yes", "no"]} if key == "structured_outputs" else {"type": "json_object"}
+                for key in constraint}
+    response = client.post(path, json={**body, **harmless})
+    assert response.status_code == 200 and response.headers["x-eco-flagged"] == "false"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_same_response_structure_flagged_and_unflagged_chat(client, stream):
     """Against the stub (field by field on a real vLLM: tests/test_tool_calls_backend.py)."""
