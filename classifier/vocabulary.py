@@ -10,10 +10,10 @@ Matching runs on every reading `classifier.normalize.variants` gives, plus two t
 here (ROT13 and the text reversed, where only exact terms count); words compare case-folded,
 hyphens and spaces alike, with a plural on the last word, and a term within one typo: a long
 one-word term ("Expeliarmus", "Quiddtich"), or one word of five letters or more in a longer term
-("wingardium leviossa"), in a text of up to TYPO_MAX_WORDS words, and such a term with its vowels left out
-("Hrry Pttr", "Vldmrt") where the text shows it by a word of three letters or more without one. A word as typed that is an ordinary
-word of the language ("carrots", "gallows") is never read as a typo of a term ("the Carrows",
-"Deathly Hallows"). Terms written in scripts without spaces (Chinese, Japanese, Korean) match as
+("wingardium leviossa"), in a text of up to TYPO_MAX_WORDS words, and such a term with its vowels left
+out ("Hrry Pttr", "Vldmrt") where a word of the text, of three letters or more, has none. A word as
+typed that is an ordinary word of the language ("carrots", "gallows") is never read as a typo of a term
+("the Carrows", "Deathly Hallows"). Terms written in scripts without spaces (Chinese, Japanese, Korean) match as
 substrings. Words in Cyrillic compare without their case ending ("Поттера" is "Поттер", "таємну
 кімнату" is "таємна кімната"): Russian and Ukrainian inflect names and titles.
 """
