@@ -6,7 +6,7 @@ confusables data, through `confusable_homoglyphs`). Genuine non-Latin text keeps
 
 `variants` adds readings that may or may not be meant: letters spaced apart joined again,
 punctuation inside words dropped, leetspeak read as letters (a "1" as an i, and again as an l),
-words written upside down turned back, a Latin transliteration of other scripts (`anyascii`),
+words written upside down turned back (in reversed order and in place), a Latin transliteration of other scripts (`anyascii`),
 base64 decoded where it decodes to text, the ROT13 reading of a text that names ROT13, and a text
 in Pig Latin ("Arryhay Otterpay") read back, two ways (see `_from_pig_latin`).
 The gate scores every variant and keeps the highest, so a wrong reading costs nothing but a
@@ -232,15 +232,18 @@ def _upside_down() -> tuple[dict[str, str], re.Pattern[str]]:
                     "ꓤ": "R", "ꓭ": "B", "ꓘ": "K", "ꓶ": "L"})
     word = r"[^\W\d_]*[" + re.escape("".join(letters)) + r"][^\W\d_]*"
     marked = re.compile(rf"{word}(?:\s+{word})*")  # a run of such words: turned, their order reverses too
-    letters.update({"n": "u", "u": "n", "d": "p", "p": "d", "b": "q", "q": "b"})
+    # and, once a word is known to be upside down, a dotless ı (Turkish writes it too) is an i
+    letters.update({"n": "u", "u": "n", "d": "p", "p": "d", "b": "q", "q": "b", "ı": "i"})
     return letters, marked
 
 
-def _turn_upright(text: str) -> str:
+def _turn_upright(text: str, reverse: bool = True) -> str:
     """Words written upside down ("ǝdɐuS") read upright ("Snape"): reversed, each glyph turned back; a run
-    of them turned as one, so that "ɹǝʇʇoԀ ʎɹɹɐH" reads "Harry Potter"."""
+    of them turned as one, so that "ɹǝʇʇoԀ ʎɹɹɐH" reads "Harry Potter". Without `reverse`, each glyph
+    turned in place, for the flip generators that keep the reading order ("ʍɥo" is "who")."""
     letters, marked = _upside_down()
-    return marked.sub(lambda m: "".join(letters.get(c, c) for c in reversed(m.group())), text)
+    return marked.sub(lambda m: "".join(letters.get(c, c) for c in (reversed(m.group()) if reverse else m.group())),
+                      text)
 
 
 def _looks_like_pig_latin(text: str) -> bool:
@@ -298,7 +301,7 @@ def _variants(text: str, limit: int) -> tuple[str, ...]:
     if "1" in base and candidates[1] != joined:  # "1" is an i as often as an l: "H@l10w5" is "Hallows"
         candidates.insert(2, _unleet(joined, one="l"))
     if not text.isascii() and (upright := _turn_upright(text)) != text:  # before folding, which reads ꓷ otherwise
-        candidates.insert(1, canonical(upright))
+        candidates[1:1] = [canonical(upright), canonical(_turn_upright(text, reverse=False))]
     if (decoded := _decoded_base64(base)) != base:
         candidates.insert(1, decoded)
     if _ROT13_NAMED.search(base):

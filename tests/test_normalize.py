@@ -72,6 +72,7 @@ def test_obfuscation_variants(disguised, plain):
     ("What did \u01dd\u0279op\u01ddlq\u026fn\ua4f7 leave?", "What did Dumbledore leave?"),  # a Lisu letter for D
     ("where is u\u0250q\u0250\u029ez\u2200", "where is Azkaban"),
     ("Who is \u0279\u01dd\u0287\u0287o\u0500 \u028e\u0279\u0279\u0250H's wife?", "Who is Harry Potter's wife?"),
+    ("\u028d\u0265o \u029e\u0131ll\u01ddp pn\u026fql\u01ddpo\u0279\u01dd?", "who killed dumbledore?"),  # turned in place
 ])
 def test_words_written_upside_down_are_read_upright(disguised, plain):
     assert plain in variants(disguised)
