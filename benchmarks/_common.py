@@ -283,15 +283,18 @@ def passthrough_policy(workdir: Path) -> Path:
 
 
 def start_proxy(policy: Path, backend_url: str, model_dir: Path, model_name: str, workdir: Path,
-                code_dir: Path | None = None, cpus: str | None = None):
+                code_dir: Path | None = None, cpus: str | None = None, echo_upstream: bool = False):
     """`eco-proxy serve` as a subprocess (evaluation/testing.py); returns its handle with `.url` and `.stop()`.
     `code_dir`: run the proxy's code from that checkout instead (e.g. a git worktree of an earlier commit).
-    `cpus`: the proxy's `--cpus`; a checkout that ignores it is refused, so that routes compare alike."""
+    `cpus`: the proxy's `--cpus`; a checkout that ignores it is refused, so that routes compare alike.
+    `echo_upstream`: the backend is `echo_upstream.py`, not a model, so the start-up embedding check is skipped."""
     from evaluation.testing import start_proxy as start
 
     extra_env = {"PYTHONPATH": str(code_dir)} if code_dir else {}
     if cpus:
         extra_env["ECO_CPUS"] = cpus
+    if echo_upstream:
+        extra_env["ECO_SKIP_EMBEDDING_CHECK"] = "true"
     proxy = start(policy, backend_url, model_dir, model_name, workdir, admin_key="bench-admin-key",
                   extra_env=extra_env, cwd=code_dir)
     if cpus:

@@ -189,7 +189,7 @@ def main() -> int:
                  ((unflagged, "unflagged"), (repeated, "unflagged"), (flagged, "flagged"),
                   (flagged_stream, "flagged"))),
             ):
-                proxy = start_proxy(policy_path, echo_url, model_dir, MODEL, workdir)
+                proxy = start_proxy(policy_path, echo_url, model_dir, MODEL, workdir, echo_upstream=True)
                 try:
                     print(f"proxy with {label}; answer through it: {assert_echo_answer(proxy.url)!r}")
                     short = "pass-through" if label.startswith("pass") else "classifier"
