@@ -450,7 +450,8 @@ class FineTunedClassifier:
             raise ValueError("calibration needs forget prompts (for the first stage) and retain prompts")
         # the first stage only has to keep what the vocabulary leaves to the encoder
         forget = [prompt for prompt, label in zip(prompts, labels) if label == 1 and self.named_term(prompt) is None]
-        best = np.array([float(self.stage1_.decision(self._bag(prompt)).max()) for prompt in forget])
+        forget_pieces = _PieceScores(self, forget)
+        best = np.array([max(forget_pieces.decision[piece] for piece in bag) for bag in forget_pieces.bags])
         retain = [(prompt, group) for prompt, label, group in zip(prompts, labels, groups) if label == 0]
         retain_pieces = _PieceScores(self, [prompt for prompt, _ in retain])
 
@@ -462,7 +463,7 @@ class FineTunedClassifier:
 
         stage1_threshold = recall_threshold(best, self.stage1_recall) if len(best) else None
         provisional, _ = served_threshold(stage1_threshold)
-        flagged = best[_PieceScores(self, forget).scores(None) >= provisional] if len(best) else best
+        flagged = best[forget_pieces.scores(None) >= provisional] if len(best) else best
         if len(flagged):
             stage1_threshold = recall_threshold(flagged, self.stage1_recall)
         self.stage1_threshold_ = stage1_threshold

@@ -152,9 +152,14 @@ class TermMatcher:
         # a longer term under each of its anchors, with the anchor's place in it: its two words fewest terms
         # share ("deathly", not "the"), so that a phrase is tried only where one of them stands
         self._anchors: dict[str, list[tuple[tuple[str, ...], int, str]]] = {}
+        # and a term with its vowels left out, where that leaves enough letters to name it
+        self._skeletons: dict[tuple[str, ...], str] = {}
         phrases: list[tuple[str, tuple[str, ...]]] = []
         for term in typo_terms:
             words = term_words(term)
+            skeleton = _skeleton(words)
+            if skeleton and sum(map(len, skeleton)) >= SKELETON_MIN_LETTERS:
+                self._skeletons.setdefault(skeleton, term)
             if len(words) > 1:
                 phrases.append((term, words))
                 continue
@@ -162,12 +167,6 @@ class TermMatcher:
             self._typo_words.setdefault(word, []).append(term)
             for position in range(len(word)):
                 self._deleted.setdefault((word[:position] + word[position + 1:], position), []).append(term)
-        # a term with its vowels left out, where that leaves enough letters to name it
-        self._skeletons: dict[tuple[str, ...], str] = {}
-        for term in typo_terms:
-            skeleton = _skeleton(term_words(term))
-            if skeleton and sum(map(len, skeleton)) >= SKELETON_MIN_LETTERS:
-                self._skeletons.setdefault(skeleton, term)
         self._longest_skeleton = max(map(len, self._skeletons), default=0)
         sharing = Counter(word for _, words in phrases for word in set(words))
         for term, words in phrases:
